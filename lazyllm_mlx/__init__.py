@@ -1,0 +1,29 @@
+"""LazyLLM token pruning for mlx-lm models."""
+
+from ._platform import preload_openblas
+
+preload_openblas()  # must run before mlx.core is imported anywhere below
+
+__version__ = "0.1.0"
+
+from .cache import LazyCache  # noqa: E402
+from .config import LazyConfig  # noqa: E402
+from .engine import LazyStats  # noqa: E402
+from .generate import (  # noqa: E402
+    GenerationResponse,
+    generate,
+    generate_step,
+    make_lazy_cache,
+    stream_generate,
+)
+
+__all__ = [
+    "GenerationResponse",
+    "LazyCache",
+    "LazyConfig",
+    "LazyStats",
+    "generate",
+    "generate_step",
+    "make_lazy_cache",
+    "stream_generate",
+]

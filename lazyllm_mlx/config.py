@@ -1,0 +1,211 @@
+"""LazyConfig: where the layers are split into stages and how many tokens each boundary keeps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+# Boundaries below 1.0 are fractions of the model's depth (model-independent presets); integers
+# are absolute layer indices. Each boundary b starts a stage at layer b.
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": dict(boundaries=(), keep=()),
+    # The paper's figure: four stages of 30/30/30/10 % of the layers, 70 % kept at each boundary.
+    "paper": dict(boundaries=(0.3, 0.6, 0.9), keep=(0.7, 0.7, 0.7)),
+    # Our recommendation until the calibration issue tunes it: the paper's stages, kept alone below
+    # a prompt length where pruning cannot pay for its bookkeeping.
+    "default": dict(boundaries=(0.3, 0.6, 0.9), keep=(0.7, 0.7, 0.7), min_prompt_tokens=256),
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A LazyConfig resolved for one model: absolute boundary layers and their keep fractions."""
+
+    num_layers: int
+    boundaries: tuple[int, ...]
+    keep: tuple[float, ...]
+
+    @property
+    def stages(self) -> list[range]:
+        edges = (0, *self.boundaries, self.num_layers)
+        return [range(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+    def present_counts(self, num_tokens: int) -> list[int]:
+        """Tokens computed in each stage of a fresh prefill of `num_tokens` tokens."""
+        counts = [num_tokens]
+        for keep in self.keep:
+            counts.append(kept_count(counts[-1], keep))
+        return counts
+
+    def prefill_fraction(self, num_tokens: int) -> float:
+        """Prompt token-layers a fresh prefill computes, over num_tokens × num_layers."""
+        work = sum(n * len(s) for n, s in zip(self.present_counts(num_tokens), self.stages))
+        return work / (num_tokens * self.num_layers)
+
+
+def kept_count(present: int, keep: float) -> int:
+    """Tokens kept out of `present` at a boundary: ceil(keep × present), at least the last token."""
+    return min(present, max(1, math.ceil(round(keep * present, 6))))
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """A LazyLLM pruning schedule.
+
+    boundaries: layers where a new stage starts, increasing; floats in (0, 1) are fractions of the
+        model's depth, integers are layer indices.
+    keep: fraction of the tokens present before each boundary that go on past it, in (0, 1].
+    revive: decode with revival (selection from layer 0 for every new token, pruned tokens resume
+        from the aux cache); False attends to whatever KV each layer holds, which decodes faster.
+    min_prompt_tokens: contexts shorter than this are not pruned at all (pruning would not pay).
+    """
+
+    boundaries: tuple[float, ...] = ()
+    keep: tuple[float, ...] = ()
+    revive: bool = True
+    min_prompt_tokens: int = 0
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "boundaries", tuple(self.boundaries))
+        object.__setattr__(self, "keep", tuple(float(k) for k in self.keep))
+        self.validate()
+
+    @classmethod
+    def preset(cls, name: str) -> LazyConfig:
+        if name not in PRESETS:
+            raise ValueError(f"Unknown LazyLLM preset {name!r}; presets: {', '.join(PRESETS)}.")
+        return cls(**PRESETS[name], name=name)
+
+    @classmethod
+    def parse(cls, text: str) -> LazyConfig:
+        """A preset name, or `boundary:keep,...` with optional `;min=N` and `;norevive`.
+
+        Example: `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth) or `9:0.7,18:0.5` (layers).
+        """
+        text = text.strip()
+        if text in PRESETS:
+            return cls.preset(text)
+        head, *options = [part.strip() for part in text.split(";")]
+        boundaries, keep = [], []
+        for item in filter(None, (p.strip() for p in head.split(","))):
+            b, sep, k = item.partition(":")
+            if not sep:
+                raise ValueError(
+                    f"Bad schedule item {item!r} in {text!r}: expected boundary:keep "
+                    f"(e.g. 0.3:0.7 or 9:0.7) or a preset ({', '.join(PRESETS)})."
+                )
+            boundaries.append(_parse_boundary(b, text))
+            keep.append(_parse_number(k, text))
+        kwargs: dict[str, Any] = {}
+        for option in options:
+            if option == "norevive":
+                kwargs["revive"] = False
+            elif option.startswith("min="):
+                kwargs["min_prompt_tokens"] = int(_parse_number(option[4:], text))
+            else:
+                raise ValueError(f"Unknown schedule option {option!r} in {text!r}.")
+        return cls(boundaries=tuple(boundaries), keep=tuple(keep), **kwargs)
+
+    def to_string(self) -> str:
+        items = ",".join(f"{b:g}:{k:g}" for b, k in zip(self.boundaries, self.keep))
+        if self.min_prompt_tokens:
+            items += f";min={self.min_prompt_tokens}"
+        if not self.revive:
+            items += ";norevive"
+        return items or "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["boundaries"], d["keep"] = list(self.boundaries), list(self.keep)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LazyConfig:
+        known = {"boundaries", "keep", "revive", "min_prompt_tokens", "name"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown LazyConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def with_options(self, **changes: Any) -> LazyConfig:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        if len(self.boundaries) != len(self.keep):
+            raise ValueError(
+                f"Schedule has {len(self.boundaries)} boundaries but {len(self.keep)} keep values."
+            )
+        for k in self.keep:
+            if not (0.0 < k <= 1.0) or math.isnan(k):
+                raise ValueError(f"Keep fraction {k} is out of range: it must be in (0, 1].")
+        kinds = {_boundary_kind(b) for b in self.boundaries}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"Boundaries {self.boundaries} mix depth fractions and layer indices; use one kind."
+            )
+        if any(b2 <= b1 for b1, b2 in zip(self.boundaries, self.boundaries[1:])):
+            raise ValueError(f"Boundaries {self.boundaries} must be strictly increasing.")
+        if self.min_prompt_tokens < 0:
+            raise ValueError("min_prompt_tokens must be >= 0.")
+
+    def resolve(self, num_layers: int) -> Schedule:
+        """Absolute boundaries for a model with `num_layers` layers; keep-1.0 boundaries dropped."""
+        layers = [
+            b if isinstance(b, int) else round(b * num_layers) for b in self.boundaries
+        ]
+        for given, layer in zip(self.boundaries, layers):
+            if not 1 <= layer < num_layers:
+                raise ValueError(
+                    f"Boundary {given} gives layer {layer}, outside 1..{num_layers - 1} for a "
+                    f"model with {num_layers} layers."
+                )
+        if any(b2 <= b1 for b1, b2 in zip(layers, layers[1:])):
+            raise ValueError(
+                f"Boundaries {self.boundaries} collapse to layers {layers} on a {num_layers}-layer "
+                "model: the model has too few layers for this schedule."
+            )
+        pairs = [(b, k) for b, k in zip(layers, self.keep) if k < 1.0]
+        return Schedule(
+            num_layers=num_layers,
+            boundaries=tuple(b for b, _ in pairs),
+            keep=tuple(k for _, k in pairs),
+        )
+
+
+def _boundary_kind(b: float) -> str:
+    if isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise ValueError(f"Boundary {b!r} must be a layer index (int) or a depth fraction.")
+    if isinstance(b, int):
+        return "layer"
+    if not 0.0 < b < 1.0:
+        raise ValueError(
+            f"Boundary {b} must be a depth fraction in (0, 1) or an integer layer index."
+        )
+    return "fraction"
+
+
+def _parse_number(s: str, text: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise ValueError(f"Bad number {s!r} in schedule {text!r}.") from None
+
+
+def _parse_boundary(s: str, text: str) -> float:
+    s = s.strip()
+    if s.isdigit():
+        return int(s)
+    return _parse_number(s, text)
+
+
+def as_config(lazy: LazyConfig | str | dict | None) -> LazyConfig | None:
+    """Accept a LazyConfig, a preset name or schedule string, a dict, or None (no LazyLLM)."""
+    if lazy is None or isinstance(lazy, LazyConfig):
+        return lazy
+    if isinstance(lazy, str):
+        return LazyConfig.parse(lazy)
+    if isinstance(lazy, dict):
+        return LazyConfig.from_dict(lazy)
+    raise TypeError(f"lazy must be a LazyConfig, a preset name, a dict or None, not {type(lazy)}")

@@ -1,0 +1,302 @@
+"""The lazy layer loop: stage-major prefill and decode steps with revival, over mlx-lm's blocks.
+
+One call processes new tokens (a prompt, a later turn, or one decoded token):
+
+  stage 0      every new token, attending to every token (the tokens' original positions);
+  boundary k   the last token's attention at the layer before it ranks the tokens the previous stage
+               attended to; the top `keep` fraction is selected (the last token always). Selected
+               tokens without KV at this stage are computed: new tokens carried over from the
+               previous stage, or pruned tokens resumed from this stage's aux cache (revival).
+               New tokens not selected wait in the aux cache;
+  stage k      the tokens to compute attend to the selected tokens.
+
+A fresh prefill takes a fast path (no lookups: every candidate is a new token in flight, attention
+stays plain causal in the compacted order). Decode steps and later turns take the general path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import LazyCache, StageStore
+from .config import kept_count
+from .families import Family
+from .pruning import last_row_attention, select_top, split_top
+from .rope import Recorder
+
+_FAR = 1 << 30  # added to positions to sort "not wanted" entries last
+
+
+@dataclass
+class LazyStats:
+    """Counters of one request (prefill + decode), for stats and for the invariant tests."""
+
+    num_layers: int
+    prompt_tokens: int = 0
+    prefill_token_layers: int = 0
+    decode_token_layers: int = 0
+    decode_steps: int = 0
+    revived: int = 0  # tokens resumed from an aux cache
+    pruned: bool = False  # whether this request pruned anything
+    prefill_tokens_per_layer: list[int] = field(default_factory=list)
+    decode_attended_per_layer: list[int] = field(default_factory=list)  # summed over steps
+    aux_bytes: int = 0
+
+    @property
+    def prefill_fraction(self) -> float:
+        """Prompt token-layers computed in prefill / (prompt tokens × layers)."""
+        return self.prefill_token_layers / max(1, self.prompt_tokens * self.num_layers)
+
+    @property
+    def ideal_prefill_speedup(self) -> float:
+        return 1.0 / self.prefill_fraction if self.prefill_token_layers else 1.0
+
+
+@dataclass
+class _InFlight:
+    """Tokens computed at the current stage in this call: positions and hidden states."""
+
+    positions: mx.array  # (n,) int32, increasing
+    hidden: mx.array  # (1, n, hidden)
+    count: int
+    first_position: int | None  # set when positions are contiguous (plain RoPE offset)
+
+
+class LayerView:
+    """What an mlx-lm attention sees as `cache` during a lazy call: offsets, KV write and fetch."""
+
+    def __init__(self, store: StageStore, layer: int, start: int, offset, keys_at, key_end: int):
+        self.store, self.layer, self.start = store, layer, start
+        self.offset = offset  # int (contiguous positions) or (L,) positions for the RoPE wrapper
+        self.keys_at = keys_at  # entries to attend to, or None for the first key_end entries
+        self.key_end = key_end
+        self.fetched_keys: mx.array | None = None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.store.write(self.layer, self.start, keys, values)
+        all_keys, all_values = self.store.keys[self.layer], self.store.values[self.layer]
+        if self.keys_at is None:
+            k, v = all_keys[..., : self.key_end, :], all_values[..., : self.key_end, :]
+        else:
+            k = mx.take(all_keys, self.keys_at, axis=2)
+            v = mx.take(all_values, self.keys_at, axis=2)
+        self.fetched_keys = k
+        return k, v
+
+
+def _mask(query_pos, key_pos, window: int | None, causal_suffix: bool, single_last: bool):
+    """Attention mask by original positions; the string/None fast paths where they are exact."""
+    if window is None:
+        if single_last:
+            return None
+        if causal_suffix:
+            return "causal"
+    allowed = query_pos[:, None] >= key_pos[None, :]
+    if window is not None:
+        allowed = allowed & (query_pos[:, None] < key_pos[None, :] + window)
+    return allowed
+
+
+def _score_row(family: Family, layer: int, recorder: Recorder, view: LayerView) -> mx.array:
+    if len(recorder.outputs) != 2:
+        raise RuntimeError(
+            f"{family.model_type}: expected the attention to apply RoPE to queries then keys "
+            f"(2 calls), saw {len(recorder.outputs)}; this family is not supported by the engine."
+        )
+    query = recorder.outputs[0][..., -1:, :]
+    # Sliding-window layers are scored without their window: importance over every candidate.
+    return last_row_attention(query, view.fetched_keys, family.scales[layer])
+
+
+def _run_stage(
+    family: Family,
+    store: StageStore,
+    flight: _InFlight,
+    keys_at: mx.array | None,
+    key_positions: mx.array | None,
+    score: bool,
+    step_size: int,
+    in_order: bool,
+    on_chunk: Callable[[int], None] | None,
+) -> tuple[mx.array, mx.array | None, mx.array]:
+    """Compute `flight` through the stage's layers; returns (hidden, scores, candidate positions).
+
+    keys_at: store entries to attend to (positions `key_positions`), or None for everything the
+    store holds up to each chunk's end (then the store must be in position order).
+    """
+    start = store.append(flight.positions, flight.count, in_order)
+    if keys_at is not None:
+        keys_at = store.index_of[key_positions]
+    outputs, scores = [], None
+    for c0 in range(0, flight.count, step_size):
+        c1 = min(flight.count, c0 + step_size)
+        x = flight.hidden[:, c0:c1]
+        query_pos = flight.positions[c0:c1]
+        last_chunk = c1 == flight.count
+        if flight.first_position is not None:
+            offset = flight.first_position + c0
+        else:
+            offset = query_pos
+        key_end = start + c1
+        chunk_keys = key_positions if keys_at is not None else store.positions[:key_end]
+        single_last = c1 - c0 == 1 and last_chunk
+        masks = {}
+        for j, layer_index in enumerate(store.layers):
+            window = family.windows[layer_index]
+            if window not in masks:
+                masks[window] = _mask(
+                    query_pos, chunk_keys, window, keys_at is None and store.sorted, single_last
+                )
+            view = LayerView(store, j, start + c0, offset, keys_at, key_end)
+            rope = family.ropes[layer_index]
+            scoring = score and last_chunk and j == len(store.layers) - 1
+            rope.recorder = Recorder() if scoring else None
+            x = family.layers[layer_index](x, masks[window], cache=view)
+            if scoring:
+                scores = _score_row(family, layer_index, rope.recorder, view)
+                rope.recorder = None
+        outputs.append(x)
+        if on_chunk is not None:  # prefill: evaluate chunk by chunk to bound the graph and memory
+            mx.eval(x, *[b for b in store.keys + store.values if b is not None])
+            on_chunk((c1 - c0) * len(store.layers))
+    hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+    candidates = key_positions if keys_at is not None else store.positions[: start + flight.count]
+    return hidden, scores, candidates
+
+
+def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) -> _InFlight:
+    """Boundary of a fresh prefill: every candidate is in flight, in the same order as the scores."""
+    count = kept_count(flight.count, cache.schedule.keep[k - 1])
+    kept, dropped = split_top(scores, count)
+    if dropped.size:
+        cache.aux[k].append(flight.positions[dropped], flight.hidden[0, dropped])
+    return _InFlight(flight.positions[kept], flight.hidden[:, kept], count, None)
+
+
+def _select_and_revive(
+    cache: LazyCache,
+    k: int,
+    flight: _InFlight,
+    scores: mx.array,
+    candidates: mx.array,
+    stats: LazyStats,
+) -> tuple[_InFlight, mx.array]:
+    """Boundary in the general case. Returns the tokens to compute at stage k and the selection."""
+    store, aux = cache.stages[k], cache.aux[k]
+    count = kept_count(candidates.shape[0], cache.schedule.keep[k - 1])
+    selected = candidates[select_top(scores, count)]  # increasing positions, last token included
+
+    in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
+    in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
+    is_selected = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
+    is_selected[selected] = True
+
+    missing = store.index_of[selected] < 0
+    from_aux = missing & (in_flight_row[selected] < 0)
+    left_behind = ~is_selected[flight.positions]
+    n_missing, n_from_aux, n_left = mx.stack(
+        [missing.sum(), from_aux.sum(), left_behind.sum()]
+    ).tolist()  # the one host sync of a boundary: the shapes below depend on these counts
+
+    if n_left:
+        order = mx.arange(flight.count, dtype=mx.int32)
+        rows = mx.sort(mx.where(left_behind, order, order + _FAR))[:n_left]
+        aux.append(flight.positions[rows], flight.hidden[0, rows])
+    todo = mx.sort(mx.where(missing, selected, selected + _FAR))[:n_missing]
+    rows_in_flight = in_flight_row[todo]
+    hidden = flight.hidden[0, mx.maximum(rows_in_flight, 0)]
+    if n_from_aux:
+        revived = aux.hidden[mx.maximum(aux.row_of[todo], 0)]
+        hidden = mx.where((rows_in_flight >= 0)[:, None], hidden, revived)
+        stats.revived += n_from_aux
+    return _InFlight(todo, hidden[None], n_missing, None), selected
+
+
+def lazy_forward(
+    family: Family,
+    cache: LazyCache,
+    tokens: mx.array,
+    stats: LazyStats,
+    *,
+    prune: bool,
+    decoding: bool,
+    step_size: int = 2048,
+    progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
+    """Process `tokens` (1-D) at positions cache.offset…; returns the last token's logits (1, V).
+
+    prune=False computes every new token at every layer against whatever KV each layer holds (used
+    for "none", short prompts, and decoding without revival).
+    """
+    count = tokens.shape[0]
+    first = cache.offset
+    cache.reserve_positions(count)
+    fresh = first == 0
+    positions = mx.arange(first, first + count, dtype=mx.int32)
+    flight = _InFlight(positions, family.embed(tokens[None]), count, first)
+    selecting = prune and bool(cache.schedule.boundaries)
+    counts = _planned_counts(cache, count, selecting)
+    planned = sum(n * len(s.layers) for n, s in zip(counts, cache.stages))
+    done = 0
+
+    def on_chunk(token_layers: int) -> None:
+        nonlocal done
+        done += token_layers
+        if progress is not None:
+            progress(min(count - 1, count * done // max(1, planned)), count)
+
+    keys_at = key_positions = scores = candidates = None
+    last_stage = len(cache.stages) - 1
+    for k, store in enumerate(cache.stages):
+        if k > 0 and selecting:
+            if fresh:
+                flight = _prune_fresh(cache, k, flight, scores)
+            else:
+                flight, key_positions = _select_and_revive(
+                    cache, k, flight, scores, candidates, stats
+                )
+                keys_at = key_positions
+        in_order = flight.first_position is not None or fresh or flight.count == 1
+        flight_hidden, scores, candidates = _run_stage(
+            family,
+            store,
+            flight,
+            keys_at,
+            key_positions,
+            score=selecting and k < last_stage,
+            step_size=step_size,
+            in_order=in_order,
+            on_chunk=on_chunk if not decoding else None,
+        )
+        flight = _InFlight(flight.positions, flight_hidden, flight.count, flight.first_position)
+        work = flight.count * len(store.layers)
+        if decoding:
+            stats.decode_token_layers += work
+            attended = keys_at.shape[0] if keys_at is not None else store.size
+            _add_per_layer(stats.decode_attended_per_layer, k, cache, attended)
+        else:
+            stats.prefill_token_layers += work
+            _add_per_layer(stats.prefill_tokens_per_layer, k, cache, flight.count)
+    cache.offset += count
+    if decoding:
+        stats.decode_steps += 1
+    else:
+        stats.prompt_tokens += count
+        stats.pruned = stats.pruned or selecting
+    return family.head(flight.hidden[:, -1:, :])[:, -1, :]
+
+
+def _planned_counts(cache: LazyCache, count: int, selecting: bool) -> list[int]:
+    if selecting:
+        return cache.schedule.present_counts(count)
+    return [count] * len(cache.stages)
+
+
+def _add_per_layer(per_layer: list[int], k: int, cache: LazyCache, amount: int) -> None:
+    if not per_layer:
+        per_layer.extend([0] * cache.schedule.num_layers)
+    for layer in cache.stages[k].layers:
+        per_layer[layer] += amount

@@ -1,0 +1,283 @@
+"""generate_step → stream_generate → generate, following mlx-lm, with LazyLLM prefill and decoding.
+
+`lazy=None` is plain mlx-lm (the baseline: its own generate_step runs); a LazyConfig, a preset name
+or a schedule string runs the lazy engine. Responses add `ttft` (seconds to the first token) and
+`lazy` (the request's LazyStats, None for the baseline) to mlx-lm's fields.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step as mlx_generate_step
+from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .cache import LazyCache
+from .config import LazyConfig, as_config
+from .engine import LazyStats, lazy_forward
+from .families import family_of
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: mlx-lm's fields, plus `ttft` and `lazy`."""
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    ttft: float  # seconds from the call to the first token
+    lazy: LazyStats | None
+    finish_reason: str | None = None
+    from_draft: bool = False
+
+
+def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCache:
+    """An empty lazy prompt cache for `model`, to pass as `prompt_cache` and keep across turns."""
+    config = as_config(lazy)
+    if config is None:
+        raise ValueError("make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None.")
+    family = family_of(model)
+    return LazyCache.empty(config, config.resolve(family.num_layers))
+
+
+def context_length(model: nn.Module) -> int | None:
+    args = getattr(model, "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+def check_request(
+    model: nn.Module, prompt: mx.array, config: LazyConfig | None, cache: Any = None
+) -> None:
+    """Every error a request can have, raised before any work is done."""
+    if prompt.size == 0:
+        raise ValueError("The prompt is empty: give at least one token.")
+    offset = cache.offset if isinstance(cache, LazyCache) else 0
+    limit = context_length(model)
+    if limit is not None and offset + prompt.size > limit:
+        raise ValueError(
+            f"The prompt has {prompt.size} tokens"
+            + (f" (+{offset} already in the cache)" if offset else "")
+            + f", more than the model's context of {limit} tokens."
+        )
+    if config is None:
+        if isinstance(cache, LazyCache):
+            raise ValueError("A LazyCache was given with lazy=None; pass the cache's schedule.")
+        return
+    family = family_of(model)  # raises for architectures the engine cannot prune
+    config.resolve(family.num_layers)  # raises for schedules that do not fit this model
+    if cache is not None and not isinstance(cache, LazyCache):
+        raise ValueError(
+            f"prompt_cache is a {type(cache).__name__}; the lazy engine needs a LazyCache "
+            "(make_lazy_cache(model, lazy))."
+        )
+    if isinstance(cache, LazyCache) and cache.schedule != config.resolve(family.num_layers):
+        raise ValueError("prompt_cache was built with a different schedule than `lazy`.")
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    lazy: LazyConfig | str | dict | None = None,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    prompt_cache: Any = None,
+    prefill_step_size: int = 2048,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+    stats: LazyStats | None = None,
+    **baseline_kwargs: Any,
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token, logprobs) like mlx-lm's generate_step; `lazy` picks the engine.
+
+    stats: a LazyStats to fill with this request's counters (lazy only).
+    """
+    config = as_config(lazy)
+    if config is None:
+        yield from mlx_generate_step(
+            prompt,
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size,
+            prompt_progress_callback=prompt_progress_callback,
+            **baseline_kwargs,
+        )
+        return
+    if baseline_kwargs:
+        raise ValueError(f"Options not supported by the lazy engine: {sorted(baseline_kwargs)}")
+    family = family_of(model)
+    cache = prompt_cache if prompt_cache is not None else make_lazy_cache(model, config)
+    stats = stats if stats is not None else LazyStats(family.num_layers)
+    prune = cache.offset + prompt.size >= config.min_prompt_tokens
+    sampler = sampler or greedy_sampler
+    progress = prompt_progress_callback or (lambda *_: None)
+    seen: mx.array | None = None
+
+    def _step(tokens: mx.array, decoding: bool) -> tuple[mx.array, mx.array]:
+        nonlocal seen
+        with mx.stream(generation_stream):
+            logits = lazy_forward(
+                family,
+                cache,
+                tokens,
+                stats,
+                prune=prune and (config.revive or not decoding),
+                decoding=decoding,
+                step_size=prefill_step_size,
+                progress=None if decoding else progress,
+            )
+            if logits_processors:
+                seen = tokens if seen is None else mx.concatenate([seen, tokens])
+                for processor in logits_processors:
+                    logits = processor(seen, logits)
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            return sampler(logprobs), logprobs.squeeze(0)
+
+    total = prompt.size
+    progress(0, total)
+    y, logprobs = _step(prompt, decoding=False)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n != max_tokens:
+            next_y, next_logprobs = _step(y, decoding=True)
+            mx.async_eval(next_y, next_logprobs)
+        if n == 0:
+            mx.eval(y)
+            progress(total, total)
+        if n == max_tokens:
+            break
+        yield y.item(), logprobs
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+        n += 1
+
+
+def _as_tokens(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        # Same rule as mlx-lm: add special tokens unless the text already starts with BOS.
+        bos = tokenizer.bos_token
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return mx.array(prompt, dtype=mx.int32)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | mx.array | list[int],
+    max_tokens: int = 256,
+    *,
+    lazy: LazyConfig | str | dict | None = None,
+    **kwargs: Any,
+) -> Iterator[GenerationResponse]:
+    """Stream GenerationResponses; raises bad-input errors at call time, before any work."""
+    if max_tokens == 0:
+        raise ValueError("Maximum number of tokens must be non-zero (use -1 for no limit).")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    config = as_config(lazy)
+    tokens = _as_tokens(tokenizer, prompt)
+    check_request(model, tokens, config, kwargs.get("prompt_cache"))
+    stats = None
+    if config is not None:
+        stats = kwargs["stats"] = LazyStats(len(model.layers))
+        if kwargs.get("prompt_cache") is None:
+            kwargs["prompt_cache"] = make_lazy_cache(model, config)
+    return _stream(model, tokenizer, tokens, max_tokens, config, stats, kwargs)
+
+
+def _stream(model, tokenizer, tokens, max_tokens, config, stats, kwargs):
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    steps = generate_step(tokens, model, lazy=config, max_tokens=max_tokens, **kwargs)
+    cache = kwargs.get("prompt_cache")
+
+    def response(token, logprobs, n, finish_reason=None):
+        if stats is not None and finish_reason is not None and isinstance(cache, LazyCache):
+            stats.aux_bytes = cache.aux_bytes()
+        return GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            prompt_tokens=tokens.size,
+            prompt_tps=tokens.size / prompt_time,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            ttft=prompt_time,
+            lazy=stats,
+            finish_reason=finish_reason,
+        )
+
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        prompt_time = 0.0
+        for n, (token, logprobs) in enumerate(steps):
+            if n == 0:
+                prompt_time = time.perf_counter() - tic
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if (n + 1) == max_tokens:
+                break
+            yield response(token, logprobs, n)
+        detokenizer.finalize()
+        reason = "stop" if token in tokenizer.eos_token_ids else "length"
+        yield response(token, logprobs, n, finish_reason=reason)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | mx.array | list[int],
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The whole generation as text; `verbose` prints it as it comes, then timings and stats."""
+    if verbose:
+        print("=" * 10)
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print("=" * 10)
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Time to first token: {response.ttft:.3f} s")
+        print(
+            f"Generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+        if response.lazy is not None:
+            s = response.lazy
+            print(
+                f"LazyLLM: prefill computed {s.prefill_fraction:.1%} of prompt token-layers "
+                f"(ideal ×{s.ideal_prefill_speedup:.2f}), {s.revived} tokens revived"
+            )
+    return text
