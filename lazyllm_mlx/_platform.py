@@ -25,7 +25,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def preload_openblas() -> bool:
-    """Load OpenBLAS globally on Linux if MLX is not imported yet; say once on stderr when we can't."""
+    """Load OpenBLAS globally on Linux before MLX is imported; say once on stderr if we can't."""
     global openblas_loaded
     if openblas_loaded or not sys.platform.startswith("linux"):
         return openblas_loaded
@@ -54,7 +54,7 @@ def preload_openblas() -> bool:
 
 
 def default_dtype():
-    """float32 on the CPU (other float types are slow there); None (keep the weights' dtype) on GPU."""
+    """float32 on the CPU (other float types are slow there); None (keep the dtype) on GPU."""
     import mlx.core as mx
 
     return mx.float32 if mx.default_device() == mx.cpu else None

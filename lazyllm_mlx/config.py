@@ -80,25 +80,16 @@ class LazyConfig:
 
     @classmethod
     def parse(cls, text: str) -> LazyConfig:
-        """A preset name, or `boundary:keep,...` with optional `;min=N` and `;norevive`.
+        """A preset name or `boundary:keep,...`, then the options `;min=N` and `;norevive`.
 
-        Example: `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth) or `9:0.7,18:0.5` (layers).
+        Examples: `paper`, `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth),
+        `9:0.7,18:0.5;min=512` (layer indices), `paper;norevive`.
         """
-        text = text.strip()
-        if text in PRESETS:
-            return cls.preset(text)
-        head, *options = [part.strip() for part in text.split(";")]
-        boundaries, keep = [], []
-        for item in filter(None, (p.strip() for p in head.split(","))):
-            b, sep, k = item.partition(":")
-            if not sep:
-                raise ValueError(
-                    f"Bad schedule item {item!r} in {text!r}: expected boundary:keep "
-                    f"(e.g. 0.3:0.7 or 9:0.7) or a preset ({', '.join(PRESETS)})."
-                )
-            boundaries.append(_parse_boundary(b, text))
-            keep.append(_parse_number(k, text))
-        kwargs: dict[str, Any] = {}
+        head, *options = [part.strip() for part in text.strip().split(";")]
+        if head in PRESETS:
+            kwargs: dict[str, Any] = dict(PRESETS[head], name=head)
+        else:
+            kwargs = dict(zip(("boundaries", "keep"), _parse_pairs(head, text)))
         for option in options:
             if option == "norevive":
                 kwargs["revive"] = False
@@ -106,7 +97,9 @@ class LazyConfig:
                 kwargs["min_prompt_tokens"] = int(_parse_number(option[4:], text))
             else:
                 raise ValueError(f"Unknown schedule option {option!r} in {text!r}.")
-        return cls(boundaries=tuple(boundaries), keep=tuple(keep), **kwargs)
+        if options:
+            kwargs.pop("name", None)
+        return cls(**kwargs)
 
     def to_string(self) -> str:
         items = ",".join(f"{b:g}:{k:g}" for b, k in zip(self.boundaries, self.keep))
@@ -152,9 +145,7 @@ class LazyConfig:
 
     def resolve(self, num_layers: int) -> Schedule:
         """Absolute boundaries for a model with `num_layers` layers; keep-1.0 boundaries dropped."""
-        layers = [
-            b if isinstance(b, int) else round(b * num_layers) for b in self.boundaries
-        ]
+        layers = [b if isinstance(b, int) else round(b * num_layers) for b in self.boundaries]
         for given, layer in zip(self.boundaries, layers):
             if not 1 <= layer < num_layers:
                 raise ValueError(
@@ -184,6 +175,20 @@ def _boundary_kind(b: float) -> str:
             f"Boundary {b} must be a depth fraction in (0, 1) or an integer layer index."
         )
     return "fraction"
+
+
+def _parse_pairs(head: str, text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    boundaries, keep = [], []
+    for item in filter(None, (p.strip() for p in head.split(","))):
+        b, sep, k = item.partition(":")
+        if not sep:
+            raise ValueError(
+                f"Bad schedule item {item!r} in {text!r}: expected boundary:keep "
+                f"(e.g. 0.3:0.7 or 9:0.7) or a preset ({', '.join(PRESETS)})."
+            )
+        boundaries.append(_parse_boundary(b, text))
+        keep.append(_parse_number(k, text))
+    return tuple(boundaries), tuple(keep)
 
 
 def _parse_number(s: str, text: str) -> float:

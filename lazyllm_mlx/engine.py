@@ -168,7 +168,7 @@ def _run_stage(
 
 
 def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) -> _InFlight:
-    """Boundary of a fresh prefill: every candidate is in flight, in the same order as the scores."""
+    """Boundary of a fresh prefill: every candidate is in flight, in the order of the scores."""
     count = kept_count(flight.count, cache.schedule.keep[k - 1])
     kept, dropped = split_top(scores, count)
     if dropped.size:

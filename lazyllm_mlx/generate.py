@@ -50,7 +50,9 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
     """An empty lazy prompt cache for `model`, to pass as `prompt_cache` and keep across turns."""
     config = as_config(lazy)
     if config is None:
-        raise ValueError("make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None.")
+        raise ValueError(
+            "make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None."
+        )
     family = family_of(model)
     return LazyCache.empty(config, config.resolve(family.num_layers))
 
@@ -178,7 +180,9 @@ def _as_tokens(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) 
     if isinstance(prompt, str):
         # Same rule as mlx-lm: add special tokens unless the text already starts with BOS.
         bos = tokenizer.bos_token
-        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        prompt = tokenizer.encode(
+            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
+        )
     return mx.array(prompt, dtype=mx.int32)
 
 

@@ -1,4 +1,4 @@
-"""Token importance from the last query's attention row, and top-k selection. Pure array functions."""
+"""Token importance from the last query's attention row, and top-k selection (pure functions)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _ranked(scores: mx.array) -> mx.array:
 
 
 def select_top(scores: mx.array, count: int) -> mx.array:
-    """Indices of the `count` highest scores, the last index always among them, in increasing order."""
+    """Indices of the `count` highest scores, always with the last index, in increasing order."""
     n = scores.shape[0]
     if count >= n:
         return mx.arange(n)
@@ -40,7 +40,7 @@ def select_top(scores: mx.array, count: int) -> mx.array:
 
 
 def split_top(scores: mx.array, count: int) -> tuple[mx.array, mx.array]:
-    """(kept, dropped): the `count` highest-scoring indices and the rest, each in increasing order."""
+    """(kept, dropped): the `count` highest-scoring indices and the rest, each sorted."""
     n = scores.shape[0]
     if count >= n:
         return mx.arange(n), mx.zeros((0,), dtype=mx.int32)

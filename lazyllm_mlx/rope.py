@@ -41,7 +41,7 @@ class Recorder:
 
 
 def install(attention: nn.Module) -> PositionalRoPE:
-    """Swap in the wrapper once; it defers to the original for int offsets, so mlx-lm still works."""
+    """Swap in the wrapper once; it defers to the original for int offsets, so mlx-lm works."""
     if not isinstance(attention.rope, PositionalRoPE):
         attention.rope = PositionalRoPE(attention.rope)
     return attention.rope

@@ -1,0 +1,152 @@
+"""The public API: load-style calls, responses, stats, and errors raised before any work."""
+
+import lazyllm_mlx.engine as engine
+from lazyllm_mlx import LazyConfig, generate, make_lazy_cache, stream_generate
+
+import mlx.core as mx
+import pytest
+from mlx_lm.utils import _get_classes
+from tiny_models import random_prompt, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def prompt_text(n: int) -> str:
+    return " ".join(f"t{i}" for i in random_prompt(n, seed=5).tolist() if i != 0) or "t5"
+
+
+@pytest.mark.parametrize("lazy", [None, "none", "paper", LazyConfig.parse("3:0.5;norevive")])
+def test_stream_generate_responses(model, tokenizer, lazy):
+    responses = list(stream_generate(model, tokenizer, prompt_text(120), max_tokens=8, lazy=lazy))
+    last = responses[-1]
+    assert last.finish_reason in ("length", "stop")
+    assert all(r.finish_reason is None for r in responses[:-1])
+    assert last.ttft > 0 and last.prompt_tps > 0 and last.peak_memory > 0
+    assert last.prompt_tokens == len(tokenizer.encode(prompt_text(120)))
+    if lazy is None:
+        assert last.lazy is None
+    else:
+        config = LazyConfig.parse(lazy) if isinstance(lazy, str) else lazy
+        expected = config.resolve(10).prefill_fraction(last.prompt_tokens)
+        assert last.lazy.prefill_fraction == pytest.approx(expected)
+
+
+def test_token_list_prompt_and_generate_text(model, tokenizer):
+    tokens = random_prompt(50).tolist()
+    text = generate(model, tokenizer, tokens, max_tokens=5, lazy="paper")
+    again = "".join(r.text for r in stream_generate(model, tokenizer, tokens, 5, lazy="paper"))
+    assert text == again
+
+
+def test_generate_verbose_prints_stats(model, tokenizer, capsys):
+    generate(model, tokenizer, prompt_text(80), max_tokens=4, lazy="paper", verbose=True)
+    out = capsys.readouterr().out
+    assert "Time to first token" in out and "prefill computed" in out
+
+
+def test_prefill_fraction_and_counters_follow_the_schedule(model, tokenizer):
+    prompt = random_prompt(333)
+    config = LazyConfig.parse("2:0.6,5:0.5,8:0.4")
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=6, lazy=config))
+    stats = responses[-1].lazy
+    counts = config.resolve(10).present_counts(333)
+    assert counts == [333, 200, 100, 40]
+    assert stats.prefill_tokens_per_layer == [333] * 2 + [200] * 3 + [100] * 3 + [40] * 2
+    assert stats.prefill_token_layers == sum(stats.prefill_tokens_per_layer)
+    assert stats.prefill_fraction == pytest.approx(stats.prefill_token_layers / (333 * 10))
+    # decode: one step per generated token but the last (mlx-lm computes one step ahead)
+    assert stats.decode_steps == len(responses)
+    assert stats.decode_token_layers <= stats.decode_steps * 10 + stats.revived * 8
+    assert stats.aux_bytes > 0
+
+
+def test_min_prompt_tokens_leaves_short_prompts_alone(model, tokenizer):
+    config = LazyConfig.parse("paper;min=100")
+    short = list(stream_generate(model, tokenizer, random_prompt(60), 3, lazy=config))[-1]
+    long = list(stream_generate(model, tokenizer, random_prompt(160), 3, lazy=config))[-1]
+    assert short.lazy.prefill_fraction == 1.0 and not short.lazy.pruned
+    assert long.lazy.prefill_fraction < 1.0 and long.lazy.pruned
+
+
+def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
+    seen = []
+    original = engine._select_and_revive
+
+    def spy(cache, k, flight, scores, candidates, stats):
+        flight_out, selected = original(cache, k, flight, scores, candidates, stats)
+        seen.append((k, candidates.tolist(), selected.tolist(), cache.offset))
+        return flight_out, selected
+
+    monkeypatch.setattr(engine, "_select_and_revive", spy)
+    from lazyllm_mlx import generate_step
+
+    list(generate_step(random_prompt(90), model, lazy="paper", max_tokens=5))
+    assert seen
+    for _, candidates, selected, offset in seen:
+        assert set(selected) <= set(candidates)
+        assert selected == sorted(selected)
+        assert offset in selected  # the token being decoded sits at position cache.offset
+    for (k1, _, sel1, off1), (k2, cand2, _, off2) in zip(seen, seen[1:]):
+        if off1 == off2 and k2 == k1 + 1:
+            assert cand2 == sel1  # the next boundary ranks exactly what this one selected
+
+
+def test_errors_before_any_work(model, tokenizer):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        stream_generate(model, tokenizer, [], lazy="paper")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        stream_generate(model, tokenizer, "", lazy=None)
+    with pytest.raises(ValueError, match="more than the model's context of 4096"):
+        stream_generate(model, tokenizer, [5] * 4097, lazy="paper")
+    with pytest.raises(ValueError, match="out of range"):
+        stream_generate(model, tokenizer, [5, 6], lazy="3:1.5")
+    with pytest.raises(ValueError, match="outside 1..9"):
+        stream_generate(model, tokenizer, [5, 6], lazy="12:0.5")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        stream_generate(model, tokenizer, [5, 6], lazy="6:0.5,3:0.5")
+    with pytest.raises(ValueError, match="Unknown LazyLLM preset|expected boundary:keep"):
+        stream_generate(model, tokenizer, [5, 6], lazy="fastest")
+    with pytest.raises(ValueError, match="non-zero"):
+        stream_generate(model, tokenizer, [5, 6], max_tokens=0, lazy="paper")
+    with pytest.raises(ValueError, match="different schedule"):
+        stream_generate(
+            model, tokenizer, [5, 6], lazy="paper", prompt_cache=make_lazy_cache(model, "none")
+        )
+
+
+def tiny_mamba():
+    config = dict(
+        model_type="mamba", vocab_size=64, hidden_size=32, intermediate_size=64, state_size=8,
+        num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4,
+    )  # fmt: skip
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def test_unprunable_architectures_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="cannot prune model type 'mamba'.*recurrent.*Supported"):
+        stream_generate(tiny_mamba(), tokenizer, [5, 6, 7], lazy="paper")
+    from lazyllm_mlx.families import check_supported
+
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        check_supported("deepseek_v3")
+    with pytest.raises(ValueError, match="not one of the families"):
+        check_supported("gpt2")
+
+
+def test_baseline_path_is_plain_mlx_lm(model, tokenizer):
+    from mlx_lm import stream_generate as mlx_stream_generate
+
+    prompt = random_prompt(64).tolist()
+    ours = [r.token for r in stream_generate(model, tokenizer, prompt, 10, lazy=None)]
+    theirs = [r.token for r in mlx_stream_generate(model, tokenizer, prompt, 10)]
+    assert ours == theirs
+    assert mx.array(ours).size == len(theirs)

@@ -1,0 +1,73 @@
+"""LazyConfig: presets, the one-line syntax, validation, resolution and the prefill arithmetic."""
+
+from lazyllm_mlx import LazyConfig
+from lazyllm_mlx.config import Schedule, as_config
+
+import pytest
+
+
+def test_presets():
+    paper = LazyConfig.preset("paper")
+    assert paper.resolve(30) == Schedule(30, (9, 18, 27), (0.7, 0.7, 0.7))
+    assert LazyConfig.preset("none").resolve(30).boundaries == ()
+    assert LazyConfig.preset("default").min_prompt_tokens > 0
+    with pytest.raises(ValueError, match="Unknown LazyLLM preset 'fastest'"):
+        LazyConfig.preset("fastest")
+
+
+def test_one_line_syntax_round_trips():
+    for text in ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive", "none"]:
+        config = LazyConfig.parse(text)
+        assert LazyConfig.parse(config.to_string()) == config
+    config = LazyConfig.parse("9:0.7,18:0.5;min=512;norevive")
+    assert config.boundaries == (9, 18) and config.keep == (0.7, 0.5)
+    assert config.min_prompt_tokens == 512 and not config.revive
+    assert LazyConfig.from_dict(config.to_dict()) == config
+    assert as_config("paper") == LazyConfig.preset("paper") and as_config(None) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(boundaries=(3,), keep=(0.0,)), "out of range"),
+        (dict(boundaries=(3,), keep=(1.5,)), "out of range"),
+        (dict(boundaries=(3,), keep=(-0.2,)), "out of range"),
+        (dict(boundaries=(6, 3), keep=(0.5, 0.5)), "strictly increasing"),
+        (dict(boundaries=(3, 3), keep=(0.5, 0.5)), "strictly increasing"),
+        (dict(boundaries=(3,), keep=(0.5, 0.5)), "1 boundaries but 2 keep"),
+        (dict(boundaries=(0.3, 9), keep=(0.5, 0.5)), "mix"),
+        (dict(boundaries=(1.5,), keep=(0.5,)), "depth fraction in \\(0, 1\\)"),
+    ],
+)
+def test_invalid_schedules_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LazyConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("3-0.5", "expected boundary:keep"), ("3:x", "Bad number"), ("3:0.5;fast", "Unknown")],
+)
+def test_bad_schedule_strings(text, message):
+    with pytest.raises(ValueError, match=message):
+        LazyConfig.parse(text)
+
+
+def test_resolution_checks_the_model_depth():
+    with pytest.raises(ValueError, match="outside 1..9"):
+        LazyConfig(boundaries=(10,), keep=(0.5,)).resolve(10)
+    with pytest.raises(ValueError, match="outside 1..9"):
+        LazyConfig(boundaries=(0,), keep=(0.5,)).resolve(10)
+    with pytest.raises(ValueError, match="outside 1..2"):
+        LazyConfig.preset("paper").resolve(3)
+    with pytest.raises(ValueError, match="too few layers"):
+        LazyConfig(boundaries=(0.3, 0.35), keep=(0.5, 0.5)).resolve(5)
+    # keep 1.0 boundaries prune nothing: they are dropped, which is exact.
+    assert LazyConfig(boundaries=(3, 6), keep=(1.0, 0.5)).resolve(10).boundaries == (6,)
+
+
+def test_prefill_fraction_arithmetic():
+    schedule = LazyConfig.preset("paper").resolve(30)
+    assert schedule.present_counts(1000) == [1000, 700, 490, 343]
+    expected = (1000 * 9 + 700 * 9 + 490 * 9 + 343 * 3) / (1000 * 30)
+    assert schedule.prefill_fraction(1000) == pytest.approx(expected)

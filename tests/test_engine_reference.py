@@ -1,0 +1,49 @@
+"""The engine against a literal, independent LazyLLM (tests/reference_lazyllm.py)."""
+
+from lazyllm_mlx import LazyConfig, make_lazy_cache
+from lazyllm_mlx.engine import LazyStats, lazy_forward
+from lazyllm_mlx.families import family_of
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from reference_lazyllm import ReferenceLazyLLM
+from tiny_models import random_prompt, tiny_model
+
+
+def store_positions(cache):
+    out = []
+    for store in cache.stages:
+        positions = set(np.array(store.positions[: store.size]).tolist())
+        assert len(positions) == store.size, "a token holds KV twice in one stage"
+        out += [positions] * len(store.layers)
+    return out
+
+
+@pytest.mark.parametrize(
+    "schedule, revive",
+    [("paper", True), ("2:0.5,5:0.6,8:0.5", True), ("paper", False), ("4:0.3", True)],
+)
+def test_engine_matches_reference(schedule, revive):
+    model = tiny_model("llama", num_hidden_layers=10)
+    config = LazyConfig.parse(schedule).with_options(revive=revive)
+    cache = make_lazy_cache(model, config)
+    family = family_of(model)
+    reference = ReferenceLazyLLM(model, cache.schedule)
+    stats = LazyStats(family.num_layers)
+    prompt = random_prompt(40)
+
+    logits = lazy_forward(family, cache, prompt, stats, prune=True, decoding=False, step_size=16)
+    expected = reference.step(prompt.tolist())
+    assert mx.abs(logits - expected).max().item() < 1e-4
+    assert store_positions(cache) == [set(d) for d in reference.kv]
+
+    for _ in range(8):
+        token = mx.argmax(logits, axis=-1)
+        logits = lazy_forward(family, cache, token, stats, prune=revive, decoding=True)
+        expected = reference.step(token.tolist(), revive=revive)
+        assert mx.abs(logits - expected).max().item() < 1e-4
+        assert store_positions(cache) == [set(d) for d in reference.kv]
+    assert stats.revived == reference.revived
+    if revive and schedule != "4:0.3":
+        assert stats.revived > 0, "the scenario should exercise revival"

@@ -1,0 +1,55 @@
+"""Tiny random mlx-lm models, one per family, built from mlx-lm's own ModelArgs."""
+
+from __future__ import annotations
+
+import lazyllm_mlx  # noqa: F401  (OpenBLAS preload before mlx)
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _get_classes
+
+COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=10,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=128,
+    max_position_embeddings=4096,
+)
+
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=10000.0),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
+    config = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    # Larger-than-default weights so attention is peaked and token choices are not near-ties.
+    params = [(k, v * 2.0) for k, v in tree_flatten(model.parameters()) if "norm" not in k]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def random_prompt(length: int, vocab: int = 128, seed: int = 1) -> mx.array:
+    mx.random.seed(seed)
+    return mx.random.randint(0, vocab, (length,)).astype(mx.int32)
+
+
+def tiny_tokenizer(vocab: int = 128) -> TokenizerWrapper:
+    """Whitespace word-level tokenizer over "t0" … "t{vocab-1}"; "t0" is BOS and EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0")
+    return TokenizerWrapper(fast)
