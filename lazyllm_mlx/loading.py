@@ -1,0 +1,162 @@
+"""`load()`: the default model, a GGUF file, an MLX/Hugging Face folder or a hub id -> mlx-lm model.
+
+Returns what `mlx_lm.load` returns. On the CPU floating weights are cast to float32 (other float
+types are slow there); quantized weights and their scales are left alone. A `"lazyllm"` key in a
+folder's config.json (a stored pruning schedule) is carried as `model.lazyllm_schedule`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ._platform import default_dtype
+from .default_model import default_model_path
+from .gguf_loader import load_gguf
+
+# What mlx-lm fetches for a hub id (weights, config, tokenizer, templates).
+_HUB_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt"]
+_HUB_PATTERNS += ["tiktoken.model", "*.jsonl", "*.jinja"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def load(
+    path_or_hf_repo: str | Path | None = None,
+    dtype: mx.Dtype | None = None,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    adapter_path: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    return_config: bool = False,
+) -> tuple:
+    """Load `(model, tokenizer)` (plus the config with `return_config`), like `mlx_lm.load`.
+
+    None loads the embedded default model (SmolLM2-135M-Instruct). `dtype` defaults to float32 on
+    the CPU; on a GPU, GGUF weights become float16 and other models keep their stored dtype.
+    """
+    source = default_model_path() if path_or_hf_repo is None else path_or_hf_repo
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not _is_gguf(path):
+            raise ValueError(
+                f"{path} is a file but not a GGUF model (give a .gguf file or a folder)"
+            )
+        model, tokenizer, config = load_gguf(
+            path,
+            dtype,
+            model_config=model_config,
+            tokenizer_config=tokenizer_config,
+            return_config=True,
+        )
+        if adapter_path is not None:
+            from mlx_lm.utils import load_adapters
+
+            model = load_adapters(model, adapter_path)
+            model.eval()
+    else:
+        from mlx_lm.utils import load as mlx_load
+
+        folder = path if path.is_dir() else _download(str(source), revision)
+        check_model_folder(folder)
+        model, tokenizer, config = mlx_load(
+            str(folder),
+            tokenizer_config=tokenizer_config,
+            model_config=model_config,
+            adapter_path=adapter_path,
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+        )
+        cast_floating(model, dtype or default_dtype())
+        if isinstance(config.get("lazyllm"), dict):
+            # Not a child module or parameter: keep it out of mlx's parameter tree.
+            object.__setattr__(model, "lazyllm_schedule", dict(config["lazyllm"]))
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True  # load_gguf explains what is wrong with it, if anything
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problem = "it does not exist"
+    try:
+        validate_repo_id(repo)
+        return Path(
+            huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS)
+        )
+    except HFValidationError:
+        pass  # a path that does not exist, not a hub id
+    except Exception as e:  # noqa: BLE001  (network, auth, missing repo: all mean "unreachable")
+        problem = f"the hub says: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise FileNotFoundError(
+        f"{repo!r} is neither a file, a folder nor a reachable Hugging Face hub id ({problem})"
+    )
+
+
+def check_model_folder(folder: Path) -> None:
+    """Clear errors for a folder mlx-lm could not load: no config, no weights, corrupt weights."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{folder}: no config.json, so not an MLX / Hugging Face model folder"
+        )
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    weights = sorted(folder.glob("model*.safetensors"))
+    if not weights:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".safetensors"))
+        hint = f" (found {', '.join(others)}; mlx-lm reads model*.safetensors)" if others else ""
+        raise FileNotFoundError(f"{folder}: no model*.safetensors weights{hint}")
+    for file in weights:
+        check_safetensors(file)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+
+
+def check_safetensors(file: Path) -> None:
+    """Raise ValueError naming `file` if its header is unreadable or its tensors overrun it."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if n > size - 8:
+            raise ValueError(f"{file}: corrupt safetensors file (header length {n}, size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt safetensors file (header: {e})") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if max(ends, default=0) > size - 8 - n:
+        raise ValueError(f"{file}: truncated safetensors file ({size} bytes, data needs more)")
+
+
+def cast_floating(model: nn.Module, dtype: mx.Dtype | None) -> None:
+    """Cast floating parameters to `dtype`, except in quantized layers (weights and scales)."""
+    if dtype is None:
+        return
+    quantized = {name for name, m in model.named_modules() if hasattr(m, "bits")}
+    updates = [
+        (name, p.astype(dtype))
+        for name, p in tree_flatten(model.parameters())
+        if mx.issubdtype(p.dtype, mx.floating)
+        and p.dtype != dtype
+        and name.rpartition(".")[0] not in quantized
+    ]
+    if updates:
+        model.load_weights(updates, strict=False)
+        mx.eval(model.parameters())
