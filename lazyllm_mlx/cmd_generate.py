@@ -1,0 +1,235 @@
+"""`lazyllm-mlx generate`: mlx-lm's generate flags, plus --schedule, --compare, --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .config import LazyConfig, as_config
+from .generate import stream_generate
+from .loading import load
+
+DEFAULT_PROMPT = "hello"
+
+
+def str2bool(text: str) -> bool:
+    return text.strip().lower() not in ("false", "f", "0", "no", "n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    parser.add_argument(
+        "--prompt", "-p", default=DEFAULT_PROMPT, help="Message for the model ('-' reads stdin)"
+    )
+    parser.add_argument("--prompt-file", help="Read the message from this file (long prompts)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=100)
+    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
+    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
+    parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k")
+    parser.add_argument("--min-tokens-to-keep", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--ignore-chat-template", action="store_true")
+    parser.add_argument(
+        "--chat-template-config", default=None, help="JSON dict of apply_chat_template arguments"
+    )
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument(
+        "--verbose", type=str2bool, default=True, help="'False' prints only the generated text"
+    )
+    parser.add_argument(
+        "--schedule",
+        default=None,
+        help="LazyLLM schedule: a preset (none, paper, default), 'off' for plain mlx-lm, or "
+        "'boundary:keep,...[;min=N][;norevive]' e.g. 0.3:0.7,0.6:0.7 (depth fractions) or "
+        "9:0.7,18:0.5 (layers). Default: the model's stored schedule, else 'default'.",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="Run baseline and lazy on the same prompt"
+    )
+    parser.add_argument("--json", action="store_true", help="Print one JSON object on stdout")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+        text = sys.stdin.read() if text == "-" else text
+    if not text.strip():
+        raise ValueError("The prompt is empty.")
+    return text
+
+
+def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
+    """The chat template is applied here, as mlx-lm's CLI does, never silently by the API."""
+    use_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_template:
+        messages = []
+        if args.system_prompt is not None:
+            messages.append({"role": "system", "content": args.system_prompt})
+        messages.append({"role": "user", "content": text})
+        extra = json.loads(args.chat_template_config) if args.chat_template_config else {}
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **extra
+        )
+    return tokenizer.encode(text, add_special_tokens=not use_template)
+
+
+def resolve_schedule(model, name: str | None) -> LazyConfig | None:
+    if name == "off":
+        return None
+    if name is None:
+        stored = getattr(model, "lazyllm_schedule", None)
+        return as_config(stored) if stored is not None else LazyConfig.preset("default")
+    return LazyConfig.parse(name)
+
+
+def progress_bar(label: str):
+    """A live prefill progress line on stderr when it is a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r{label}: prefill {done}/{total} tokens ({done / max(total, 1):.0%})",
+              end=end, file=sys.stderr, flush=True)  # fmt: skip
+
+    return show
+
+
+def run_once(model, tokenizer, tokens, lazy, args, label: str, echo: bool) -> dict[str, Any]:
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    mx.reset_peak_memory()
+    sampler = make_sampler(
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k
+    )
+    ids, text, last = [], "", None
+    start = time.perf_counter()
+    for last in stream_generate(
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=args.max_tokens,
+        lazy=lazy,
+        sampler=sampler,
+        prefill_step_size=args.prefill_step_size,
+        prompt_progress_callback=progress_bar(label),
+    ):
+        ids.append(last.token)
+        text += last.text
+        if echo:
+            print(last.text, end="", flush=True)
+    if echo:
+        print()
+    if last.finish_reason == "stop":
+        ids.pop()  # the EOS token is reported, not generated text
+    stats = last.lazy
+    return dict(
+        schedule=lazy.to_string() if lazy is not None else "baseline",
+        text=text,
+        tokens=ids,
+        ttft=last.ttft,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=last.peak_memory,
+        finish_reason=last.finish_reason,
+        total_time=time.perf_counter() - start,
+        prefill_fraction=stats.prefill_fraction if stats else None,
+        revived=stats.revived if stats else None,
+        aux_bytes=stats.aux_bytes if stats else None,
+        prefill_tokens_per_layer=stats.prefill_tokens_per_layer if stats else None,
+    )
+
+
+def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
+    prefix = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        prefix += 1
+    longest = max(len(a), len(b), 1)
+    return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix / longest)
+
+
+def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
+    rows = [
+        ("TTFT (s)", "ttft", "{:.3f}"),
+        ("prompt tokens/s", "prompt_tps", "{:.1f}"),
+        ("generation tokens/s", "generation_tps", "{:.1f}"),
+        ("generated tokens", "generation_tokens", "{}"),
+        ("peak memory (GB)", "peak_memory_gb", "{:.3f}"),
+        ("prefill fraction", "prefill_fraction", "{:.3f}"),
+    ]
+    print(f"{'':<22}{'baseline':>14}{'lazy':>14}")
+    for title, key, fmt in rows:
+        cells = [fmt.format(r[key]) if r[key] is not None else "1.000*" for r in (base, lazy)]
+        print(f"{title:<22}{cells[0]:>14}{cells[1]:>14}")
+    speedup = f"×{base['ttft'] / lazy['ttft']:.2f}"
+    print(f"{'TTFT speed-up':<22}{'':>14}{speedup:>14}")
+    print(f"schedule: {lazy['schedule']}   (* baseline computes every token at every layer)")
+    if agree["identical"]:
+        print(f"agreement: identical generations ({len(base['tokens'])} tokens)")
+    else:
+        print(
+            f"agreement: first {agree['common_prefix']} tokens identical, then they differ "
+            f"({agree['prefix_fraction']:.0%} of the longer generation)"
+        )
+    for name, run in (("baseline", base), ("lazy", lazy)):
+        print(f"--- {name} ---\n{run['text']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    text = read_prompt(args)
+    model, tokenizer = load(args.model)
+    lazy = resolve_schedule(model, args.schedule)
+    tokens = prompt_tokens(tokenizer, text, args)
+    echo = args.verbose and not args.json and not args.compare
+    report: dict[str, Any] = dict(model=args.model or "default (SmolLM2-135M-Instruct)")
+    report["prompt_tokens"] = len(tokens)
+    if args.compare:
+        if lazy is None:
+            raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
+        warm = tokens[: min(len(tokens), 64)]  # one-time costs (allocation, kernels) off the clock
+        for warm_lazy in (None, lazy):
+            list(stream_generate(model, tokenizer, warm, max_tokens=2, lazy=warm_lazy))
+        runs = {
+            "baseline": run_once(model, tokenizer, tokens, None, args, "baseline", echo),
+            "lazy": run_once(model, tokenizer, tokens, lazy, args, "lazy", echo),
+        }
+        report["agreement"] = agreement(runs["baseline"]["tokens"], runs["lazy"]["tokens"])
+    else:
+        label = "lazy" if lazy is not None else "baseline"
+        runs = {label: run_once(model, tokenizer, tokens, lazy, args, label, echo)}
+    report["runs"] = runs
+    if args.json:
+        print(json.dumps(report))
+    elif args.compare:
+        print(f"model: {report['model']}, prompt: {len(tokens)} tokens")
+        print_comparison(runs["baseline"], runs["lazy"], report["agreement"])
+    elif args.verbose:
+        (result,) = runs.values()
+        print("=" * 10)
+        print(f"Prompt: {len(tokens)} tokens, {result['prompt_tps']:.3f} tokens-per-sec")
+        print(f"Time to first token: {result['ttft']:.3f} s ({result['schedule']})")
+        print(
+            f"Generation: {result['generation_tokens']} tokens, "
+            f"{result['generation_tps']:.3f} tokens-per-sec"
+        )
+        print(f"Peak memory: {result['peak_memory_gb']:.3f} GB")
+        if result["prefill_fraction"] is not None:
+            print(f"Prefill computed {result['prefill_fraction']:.1%} of prompt token-layers")
+    else:
+        (result,) = runs.values()
+        print(result["text"])
+    return 0
