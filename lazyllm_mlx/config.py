@@ -59,12 +59,15 @@ class LazyConfig:
     revive: decode with revival (selection from layer 0 for every new token, pruned tokens resume
         from the aux cache); False attends to whatever KV each layer holds, which decodes faster.
     min_prompt_tokens: contexts shorter than this are not pruned at all (pruning would not pay).
+    selection: "attention" (LazyLLM) or "random" (a reference method for evaluations: the same
+        counts, tokens drawn at random instead of by the last token's attention).
     """
 
     boundaries: tuple[float, ...] = ()
     keep: tuple[float, ...] = ()
     revive: bool = True
     min_prompt_tokens: int = 0
+    selection: str = "attention"
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,7 @@ class LazyConfig:
 
     @classmethod
     def parse(cls, text: str) -> LazyConfig:
-        """A preset name or `boundary:keep,...`, then the options `;min=N` and `;norevive`.
+        """A preset name or `boundary:keep,...`, then options `;min=N`, `;norevive`, `;random`.
 
         Examples: `paper`, `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth),
         `9:0.7,18:0.5;min=512` (layer indices), `paper;norevive`.
@@ -93,6 +96,8 @@ class LazyConfig:
         for option in options:
             if option == "norevive":
                 kwargs["revive"] = False
+            elif option == "random":
+                kwargs["selection"] = "random"
             elif option.startswith("min="):
                 kwargs["min_prompt_tokens"] = int(_parse_number(option[4:], text))
             else:
@@ -107,6 +112,8 @@ class LazyConfig:
             items += f";min={self.min_prompt_tokens}"
         if not self.revive:
             items += ";norevive"
+        if self.selection != "attention":
+            items += f";{self.selection}"
         return items or "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +123,7 @@ class LazyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LazyConfig:
-        known = {"boundaries", "keep", "revive", "min_prompt_tokens", "name"}
+        known = {"boundaries", "keep", "revive", "min_prompt_tokens", "selection", "name"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"Unknown LazyConfig fields: {sorted(unknown)}")
@@ -142,6 +149,8 @@ class LazyConfig:
             raise ValueError(f"Boundaries {self.boundaries} must be strictly increasing.")
         if self.min_prompt_tokens < 0:
             raise ValueError("min_prompt_tokens must be >= 0.")
+        if self.selection not in ("attention", "random"):
+            raise ValueError(f"selection must be 'attention' or 'random', not {self.selection!r}.")
 
     def resolve(self, num_layers: int) -> Schedule:
         """Absolute boundaries for a model with `num_layers` layers; keep-1.0 boundaries dropped."""

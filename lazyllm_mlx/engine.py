@@ -100,7 +100,12 @@ def _mask(query_pos, key_pos, window: int | None, causal_suffix: bool, single_la
     return allowed
 
 
-def _score_row(family: Family, layer: int, recorder: Recorder, view: LayerView) -> mx.array:
+def _score_row(
+    family: Family, layer: int, recorder: Recorder, view: LayerView, selection: str
+) -> mx.array:
+    if selection == "random":  # reference method: same counts, no information
+        key = mx.random.key(view.key_end * 1009 + layer)
+        return mx.random.uniform(shape=(view.fetched_keys.shape[2],), key=key)
     if len(recorder.outputs) != 2:
         raise RuntimeError(
             f"{family.model_type}: expected the attention to apply RoPE to queries then keys "
@@ -121,6 +126,7 @@ def _run_stage(
     step_size: int,
     in_order: bool,
     on_chunk: Callable[[int], None] | None,
+    selection: str = "attention",
 ) -> tuple[mx.array, mx.array | None, mx.array]:
     """Compute `flight` through the stage's layers; returns (hidden, scores, candidate positions).
 
@@ -156,7 +162,7 @@ def _run_stage(
             rope.recorder = Recorder() if scoring else None
             x = family.layers[layer_index](x, masks[window], cache=view)
             if scoring:
-                scores = _score_row(family, layer_index, rope.recorder, view)
+                scores = _score_row(family, layer_index, rope.recorder, view, selection)
                 rope.recorder = None
         outputs.append(x)
         if on_chunk is not None:  # prefill: evaluate chunk by chunk to bound the graph and memory
@@ -270,6 +276,7 @@ def lazy_forward(
             step_size=step_size,
             in_order=in_order,
             on_chunk=on_chunk if not decoding else None,
+            selection=cache.config.selection,
         )
         flight = _InFlight(flight.positions, flight_hidden, flight.count, flight.first_position)
         work = flight.count * len(store.layers)

@@ -150,3 +150,10 @@ def test_baseline_path_is_plain_mlx_lm(model, tokenizer):
     theirs = [r.token for r in mlx_stream_generate(model, tokenizer, prompt, 10)]
     assert ours == theirs
     assert mx.array(ours).size == len(theirs)
+
+
+def test_random_selection_keeps_the_counts(model, tokenizer):
+    prompt = random_prompt(200)
+    lazy = list(stream_generate(model, tokenizer, prompt, 3, lazy="paper"))[-1].lazy
+    rand = list(stream_generate(model, tokenizer, prompt, 3, lazy="paper;random"))[-1].lazy
+    assert rand.prefill_tokens_per_layer == lazy.prefill_tokens_per_layer

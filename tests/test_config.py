@@ -16,7 +16,7 @@ def test_presets():
 
 
 def test_one_line_syntax_round_trips():
-    for text in ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive", "none"]:
+    for text in ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive;random", "none"]:
         config = LazyConfig.parse(text)
         assert LazyConfig.parse(config.to_string()) == config
     config = LazyConfig.parse("9:0.7,18:0.5;min=512;norevive")
