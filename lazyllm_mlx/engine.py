@@ -65,6 +65,21 @@ class _InFlight:
     first_position: int | None  # set when positions are contiguous (plain RoPE offset)
 
 
+@dataclass
+class _Attend:
+    """Which stored keys the tokens of a stage attend to.
+
+    selected None: everything the store holds. Otherwise the selected positions, reached either by
+    gathering their keys (many queries: fewer keys to score) or by masking the whole store (a few
+    queries, as in decoding: no copies of the keys).
+    """
+
+    selected: mx.array | None = None  # positions
+    count: int = 0  # how many are selected
+    is_selected: mx.array | None = None  # bool per position
+    gather: bool = False
+
+
 class LayerView:
     """What an mlx-lm attention sees as `cache` during a lazy call: offsets, KV write and fetch."""
 
@@ -87,25 +102,34 @@ class LayerView:
         return k, v
 
 
-def _mask(query_pos, key_pos, window: int | None, causal_suffix: bool, single_last: bool):
+def _mask(query_pos, key_pos, window, keys_allowed, causal_suffix: bool, single_last: bool):
     """Attention mask by original positions; the string/None fast paths where they are exact."""
-    if window is None:
+    if window is None and keys_allowed is None:
         if single_last:
             return None
         if causal_suffix:
             return "causal"
-    allowed = query_pos[:, None] >= key_pos[None, :]
+    allowed = None if single_last else query_pos[:, None] >= key_pos[None, :]
     if window is not None:
-        allowed = allowed & (query_pos[:, None] < key_pos[None, :] + window)
+        in_window = query_pos[:, None] < key_pos[None, :] + window
+        allowed = in_window if allowed is None else allowed & in_window
+    if keys_allowed is not None:
+        allowed = keys_allowed[None, :] if allowed is None else allowed & keys_allowed[None, :]
     return allowed
 
 
 def _score_row(
-    family: Family, layer: int, recorder: Recorder, view: LayerView, selection: str
+    family: Family,
+    layer: int,
+    recorder: Recorder,
+    view: LayerView,
+    selection: str,
+    keys_allowed: mx.array | None,
 ) -> mx.array:
     if selection == "random":  # reference method: same counts, no information
         key = mx.random.key(view.key_end * 1009 + layer)
-        return mx.random.uniform(shape=(view.fetched_keys.shape[2],), key=key)
+        scores = mx.random.uniform(shape=(view.fetched_keys.shape[2],), key=key)
+        return scores if keys_allowed is None else mx.where(keys_allowed, scores, -1.0)
     if len(recorder.outputs) != 2:
         raise RuntimeError(
             f"{family.model_type}: expected the attention to apply RoPE to queries then keys "
@@ -113,29 +137,32 @@ def _score_row(
         )
     query = recorder.outputs[0][..., -1:, :]
     # Sliding-window layers are scored without their window: importance over every candidate.
-    return last_row_attention(query, view.fetched_keys, family.scales[layer])
+    # Unselected keys are masked out of the softmax (head averages depend on the normalisation).
+    scores = last_row_attention(query, view.fetched_keys, family.scales[layer], keys_allowed)
+    if keys_allowed is not None:  # and rank below every selected key
+        scores = mx.where(keys_allowed, scores, -1.0)
+    return scores
 
 
 def _run_stage(
     family: Family,
     store: StageStore,
     flight: _InFlight,
-    keys_at: mx.array | None,
-    key_positions: mx.array | None,
+    attend: _Attend,
     score: bool,
     step_size: int,
     in_order: bool,
     on_chunk: Callable[[int], None] | None,
     selection: str = "attention",
-) -> tuple[mx.array, mx.array | None, mx.array]:
-    """Compute `flight` through the stage's layers; returns (hidden, scores, candidate positions).
+) -> tuple[mx.array, mx.array | None, mx.array, int]:
+    """Compute `flight` through the stage's layers.
 
-    keys_at: store entries to attend to (positions `key_positions`), or None for everything the
-    store holds up to each chunk's end (then the store must be in position order).
+    Returns the hidden states, the last token's scores at the last layer (if `score`), the
+    positions those scores rank and how many candidates they cover.
     """
     start = store.append(flight.positions, flight.count, in_order)
-    if keys_at is not None:
-        keys_at = store.index_of[key_positions]
+    keys_at = store.index_of[attend.selected] if attend.gather else None
+    masked = attend.selected is not None and not attend.gather
     outputs, scores = [], None
     for c0 in range(0, flight.count, step_size):
         c1 = min(flight.count, c0 + step_size)
@@ -147,14 +174,16 @@ def _run_stage(
         else:
             offset = query_pos
         key_end = start + c1
-        chunk_keys = key_positions if keys_at is not None else store.positions[:key_end]
+        key_pos = attend.selected if attend.gather else store.positions[:key_end]
+        keys_allowed = attend.is_selected[key_pos] if masked else None
+        causal_suffix = attend.selected is None and store.sorted
         single_last = c1 - c0 == 1 and last_chunk
         masks = {}
         for j, layer_index in enumerate(store.layers):
             window = family.windows[layer_index]
             if window not in masks:
                 masks[window] = _mask(
-                    query_pos, chunk_keys, window, keys_at is None and store.sorted, single_last
+                    query_pos, key_pos, window, keys_allowed, causal_suffix, single_last
                 )
             view = LayerView(store, j, start + c0, offset, keys_at, key_end)
             rope = family.ropes[layer_index]
@@ -162,15 +191,19 @@ def _run_stage(
             rope.recorder = Recorder() if scoring else None
             x = family.layers[layer_index](x, masks[window], cache=view)
             if scoring:
-                scores = _score_row(family, layer_index, rope.recorder, view, selection)
+                scores = _score_row(
+                    family, layer_index, rope.recorder, view, selection, keys_allowed
+                )
                 rope.recorder = None
         outputs.append(x)
         if on_chunk is not None:  # prefill: evaluate chunk by chunk to bound the graph and memory
             mx.eval(x, *[b for b in store.keys + store.values if b is not None])
             on_chunk((c1 - c0) * len(store.layers))
     hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-    candidates = key_positions if keys_at is not None else store.positions[: start + flight.count]
-    return hidden, scores, candidates
+    if attend.gather:
+        return hidden, scores, attend.selected, attend.count
+    n_candidates = attend.count if masked else store.size
+    return hidden, scores, store.positions[: store.size], n_candidates
 
 
 def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) -> _InFlight:
@@ -182,18 +215,25 @@ def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) 
     return _InFlight(flight.positions[kept], flight.hidden[:, kept], count, None)
 
 
+# Up to this many tokens computed at a stage attend through a mask over the whole store; more
+# (later turns of a conversation) gather the selected keys, which scores fewer of them.
+_MASK_MAX_QUERIES = 64
+
+
 def _select_and_revive(
     cache: LazyCache,
     k: int,
     flight: _InFlight,
     scores: mx.array,
     candidates: mx.array,
+    n_candidates: int,
     stats: LazyStats,
-) -> tuple[_InFlight, mx.array]:
-    """Boundary in the general case. Returns the tokens to compute at stage k and the selection."""
+) -> tuple[_InFlight, _Attend]:
+    """Boundary in the general case: select, then gather what stage k must compute."""
     store, aux = cache.stages[k], cache.aux[k]
-    count = kept_count(candidates.shape[0], cache.schedule.keep[k - 1])
-    selected = candidates[select_top(scores, count)]  # increasing positions, last token included
+    count = kept_count(n_candidates, cache.schedule.keep[k - 1])
+    # The last candidate is the last token (appended last), which select_top always keeps.
+    selected = candidates[select_top(scores, count)]
 
     in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
     in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
@@ -218,7 +258,9 @@ def _select_and_revive(
         revived = aux.hidden[mx.maximum(aux.row_of[todo], 0)]
         hidden = mx.where((rows_in_flight >= 0)[:, None], hidden, revived)
         stats.revived += n_from_aux
-    return _InFlight(todo, hidden[None], n_missing, None), selected
+    gather = n_missing > _MASK_MAX_QUERIES
+    attend = _Attend(mx.sort(selected) if gather else selected, count, is_selected, gather)
+    return _InFlight(todo, hidden[None], n_missing, None), attend
 
 
 def lazy_forward(
@@ -254,24 +296,22 @@ def lazy_forward(
         if progress is not None:
             progress(min(count - 1, count * done // max(1, planned)), count)
 
-    keys_at = key_positions = scores = candidates = None
+    attend, scores, candidates, n_candidates = _Attend(), None, None, 0
     last_stage = len(cache.stages) - 1
     for k, store in enumerate(cache.stages):
         if k > 0 and selecting:
             if fresh:
                 flight = _prune_fresh(cache, k, flight, scores)
             else:
-                flight, key_positions = _select_and_revive(
-                    cache, k, flight, scores, candidates, stats
+                flight, attend = _select_and_revive(
+                    cache, k, flight, scores, candidates, n_candidates, stats
                 )
-                keys_at = key_positions
         in_order = flight.first_position is not None or fresh or flight.count == 1
-        flight_hidden, scores, candidates = _run_stage(
+        flight_hidden, scores, candidates, n_candidates = _run_stage(
             family,
             store,
             flight,
-            keys_at,
-            key_positions,
+            attend,
             score=selecting and k < last_stage,
             step_size=step_size,
             in_order=in_order,
@@ -282,7 +322,7 @@ def lazy_forward(
         work = flight.count * len(store.layers)
         if decoding:
             stats.decode_token_layers += work
-            attended = keys_at.shape[0] if keys_at is not None else store.size
+            attended = attend.count if attend.selected is not None else store.size
             _add_per_layer(stats.decode_attended_per_layer, k, cache, attended)
         else:
             stats.prefill_token_layers += work

@@ -1,5 +1,7 @@
 """The public API: load-style calls, responses, stats, and errors raised before any work."""
 
+import math
+
 import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, generate, make_lazy_cache, stream_generate
 
@@ -80,23 +82,24 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
     seen = []
     original = engine._select_and_revive
 
-    def spy(cache, k, flight, scores, candidates, stats):
-        flight_out, selected = original(cache, k, flight, scores, candidates, stats)
-        seen.append((k, candidates.tolist(), selected.tolist(), cache.offset))
-        return flight_out, selected
+    def spy(cache, k, flight, scores, candidates, n_candidates, stats):
+        flight_out, attend = original(cache, k, flight, scores, candidates, n_candidates, stats)
+        seen.append((k, n_candidates, attend.selected.tolist(), cache.offset))
+        return flight_out, attend
 
     monkeypatch.setattr(engine, "_select_and_revive", spy)
     from lazyllm_mlx import generate_step
 
     list(generate_step(random_prompt(90), model, lazy="paper", max_tokens=5))
     assert seen
-    for _, candidates, selected, offset in seen:
-        assert set(selected) <= set(candidates)
-        assert selected == sorted(selected)
+    keep = LazyConfig.preset("paper").keep
+    for k, n_candidates, selected, offset in seen:
+        assert len(selected) == len(set(selected)) == math.ceil(keep[k - 1] * n_candidates)
         assert offset in selected  # the token being decoded sits at position cache.offset
-    for (k1, _, sel1, off1), (k2, cand2, _, off2) in zip(seen, seen[1:]):
+    for (k1, _, sel1, off1), (k2, n2, sel2, off2) in zip(seen, seen[1:]):
         if off1 == off2 and k2 == k1 + 1:
-            assert cand2 == sel1  # the next boundary ranks exactly what this one selected
+            assert n2 == len(sel1)  # the next boundary ranks exactly what this one selected
+            assert set(sel2) <= set(sel1)
 
 
 def test_errors_before_any_work(model, tokenizer):

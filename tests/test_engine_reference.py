@@ -1,5 +1,6 @@
 """The engine against a literal, independent LazyLLM (tests/reference_lazyllm.py)."""
 
+import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, make_lazy_cache
 from lazyllm_mlx.engine import LazyStats, lazy_forward
 from lazyllm_mlx.families import family_of
@@ -20,11 +21,15 @@ def store_positions(cache):
     return out
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["masked", "gathered"])
 @pytest.mark.parametrize(
     "schedule, revive",
     [("paper", True), ("2:0.5,5:0.6,8:0.5", True), ("paper", False), ("4:0.3", True)],
 )
-def test_engine_matches_reference(schedule, revive):
+def test_engine_matches_reference(schedule, revive, gather, monkeypatch):
+    """Both ways of attending to the selected tokens: a mask over the store, or gathered keys."""
+    if gather:
+        monkeypatch.setattr(engine, "_MASK_MAX_QUERIES", 0)
     model = tiny_model("llama", num_hidden_layers=10)
     config = LazyConfig.parse(schedule).with_options(revive=revive)
     cache = make_lazy_cache(model, config)
