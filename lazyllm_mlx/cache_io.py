@@ -1,0 +1,136 @@
+"""Save and load a LazyCache (KV with positions per stage, aux caches) as one safetensors file.
+
+Like mlx-lm's save_prompt_cache, but mlx-lm can only rebuild its own cache classes. The file records
+the schedule and a fingerprint of the model, so a cache is never continued with another model or
+schedule. Lookup maps are rebuilt from the stored positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .cache import LazyCache, StageStore
+from .config import LazyConfig
+from .families import family_of
+
+FORMAT = "lazyllm-mlx-cache/1"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's architecture and a sample of its weights."""
+    digest = hashlib.sha256()
+    args = getattr(model, "args", None)
+    described = vars(args) if args is not None else {}
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name, value in tree_flatten(model.parameters()):
+        digest.update(f"{name}:{value.shape}:{value.dtype}".encode())
+    layers = model.layers
+    for module in (layers[0], layers[-1]):
+        for _, value in tree_flatten(module.parameters())[:4]:
+            sample = value.reshape(-1)[:64].astype(mx.float32)
+            digest.update(np.array(sample).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_lazy_cache(
+    path: str | Path, cache: LazyCache, model: nn.Module, metadata: dict[str, str] | None = None
+) -> None:
+    """Write `cache` to `path` atomically (a failed save leaves any previous file intact)."""
+    arrays: dict[str, mx.array] = {}
+    for k, store in enumerate(cache.stages):
+        arrays[f"stage{k}.positions"] = store.positions[: store.size]
+        for j, (keys, values) in enumerate(zip(store.keys, store.values)):
+            if keys is not None:
+                arrays[f"stage{k}.layer{j}.keys"] = keys[..., : store.size, :]
+                arrays[f"stage{k}.layer{j}.values"] = values[..., : store.size, :]
+    for k, aux in enumerate(cache.aux):
+        if aux is not None and aux.hidden is not None:
+            arrays[f"aux{k}.positions"] = aux.positions[: aux.size]
+            arrays[f"aux{k}.hidden"] = aux.hidden[: aux.size]
+    header = dict(
+        format=FORMAT,
+        model=model_fingerprint(model),
+        config=cache.config.to_dict(),
+        offset=cache.offset,
+        sorted=[store.sorted for store in cache.stages],
+        user=metadata or {},
+    )
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata={"lazyllm": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_cache_header(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Prompt cache file not found: {path}")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        header = json.loads(metadata["lazyllm"])
+    except Exception as error:  # mlx raises plain exceptions for unreadable files
+        raise ValueError(f"{path} is not a readable lazyllm-mlx prompt cache: {error}") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown prompt cache format {header.get('format')!r}")
+    return arrays, header
+
+
+def load_lazy_cache(
+    path: str | Path, model: nn.Module, lazy: LazyConfig | None = None
+) -> tuple[LazyCache, dict[str, str]]:
+    """Read a cache saved by save_lazy_cache for `model`; returns it and the user metadata.
+
+    `lazy`, when given, must be the schedule the cache was built with.
+    """
+    arrays, header = read_cache_header(path)
+    if header["model"] != model_fingerprint(model):
+        raise ValueError(f"{path} was saved with a different model than the one loaded.")
+    config = LazyConfig.from_dict(header["config"])
+    if lazy is not None and lazy.resolve(len(model.layers)) != config.resolve(len(model.layers)):
+        raise ValueError(
+            f"{path} was built with schedule {config.to_string()!r}, not {lazy.to_string()!r}."
+        )
+    family = family_of(model)
+    cache = LazyCache.empty(config, config.resolve(family.num_layers))
+    cache.reserve_positions(header["offset"])
+    cache.offset = header["offset"]
+    try:
+        for k, store in enumerate(cache.stages):
+            _restore_stage(store, k, arrays, header["sorted"][k])
+        for k, aux in enumerate(cache.aux):
+            if aux is not None and f"aux{k}.hidden" in arrays:
+                aux.append(arrays[f"aux{k}.positions"], arrays[f"aux{k}.hidden"])
+    except (KeyError, ValueError, IndexError) as error:
+        raise ValueError(f"{path}: corrupt prompt cache ({error})") from None
+    mx.eval(cache.state)
+    return cache, header.get("user", {})
+
+
+def _restore_stage(store: StageStore, k: int, arrays: dict[str, mx.array], in_order: bool) -> None:
+    positions = arrays[f"stage{k}.positions"]
+    count = positions.shape[0]
+    start = store.append(positions, count, in_order)
+    for j in range(len(store.layers)):
+        keys = arrays.get(f"stage{k}.layer{j}.keys")
+        if keys is None:
+            if count:
+                raise KeyError(f"stage{k}.layer{j}.keys")
+            continue
+        if keys.shape[2] != count:
+            raise ValueError(f"stage {k} layer {j} holds {keys.shape[2]} keys for {count} tokens")
+        store.write(j, start, keys, arrays[f"stage{k}.layer{j}.values"])

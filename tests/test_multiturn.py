@@ -1,0 +1,93 @@
+"""Conversations through a LazyCache, and saving/loading it."""
+
+from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
+from lazyllm_mlx.cache_io import load_lazy_cache, save_lazy_cache
+
+import pytest
+from mlx_lm.generate import generate_step as mlx_generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from tiny_models import random_prompt, tiny_model
+
+KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
+TURNS = [random_prompt(120, seed=1), random_prompt(80, seed=2), random_prompt(30, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def converse(model, lazy, cache, turns=TURNS, max_tokens=12):
+    return [
+        [
+            t
+            for t, _ in generate_step(
+                p, model, lazy=lazy, prompt_cache=cache, max_tokens=max_tokens
+            )
+        ]
+        for p in turns
+    ]
+
+
+@pytest.mark.parametrize("lazy", ["none", KEEP_ALL], ids=["none", "keep-all"])
+def test_turns_through_the_lazy_cache_match_mlx_lm(model, lazy):
+    expected = [
+        [t for t, _ in mlx_generate_step(p, model, prompt_cache=cache, max_tokens=12)]
+        for cache in [make_prompt_cache(model)]
+        for p in TURNS
+    ]
+    cache = make_lazy_cache(model, lazy)
+    assert converse(model, lazy, cache) == expected
+    assert cache.offset == sum(p.size for p in TURNS) + 3 * 12
+
+
+def test_later_turns_prefill_only_their_tokens_and_can_revive(model):
+    from lazyllm_mlx import stream_generate
+
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    cache = make_lazy_cache(model, "paper")
+    first = list(stream_generate(model, tokenizer, TURNS[0], 6, lazy="paper", prompt_cache=cache))
+    second = list(stream_generate(model, tokenizer, TURNS[1], 6, lazy="paper", prompt_cache=cache))
+    assert first[-1].lazy.prompt_tokens == TURNS[0].size
+    assert second[-1].lazy.prompt_tokens == TURNS[1].size
+    # the second prefill computes its own tokens (at most every layer) plus any revived ones
+    assert second[-1].lazy.prefill_token_layers <= TURNS[1].size * 10 + second[-1].lazy.revived * 7
+    assert cache.offset == TURNS[0].size + TURNS[1].size + 12
+
+
+@pytest.mark.parametrize("lazy", ["none", "paper"])
+def test_save_and_load_round_trip(model, lazy, tmp_path):
+    path = tmp_path / "cache.safetensors"
+    cache = make_lazy_cache(model, lazy)
+    converse(model, lazy, cache, TURNS[:1])
+    save_lazy_cache(path, cache, model, {"document": "turn one"})
+    sizes, aux_bytes = cache.tokens_per_layer(), cache.aux_bytes()
+    expected = converse(model, lazy, cache, TURNS[1:])
+    loaded, metadata = load_lazy_cache(path, model, LazyConfig.parse(lazy))
+    assert metadata == {"document": "turn one"}
+    assert loaded.offset == TURNS[0].size + 12
+    assert loaded.tokens_per_layer() == sizes and loaded.aux_bytes() == aux_bytes
+    assert converse(model, lazy, loaded, TURNS[1:]) == expected
+
+
+def test_mismatched_or_broken_cache_files_are_refused(model, tmp_path):
+    path = tmp_path / "cache.safetensors"
+    cache = make_lazy_cache(model, "paper")
+    converse(model, "paper", cache, TURNS[:1])
+    save_lazy_cache(path, cache, model)
+    with pytest.raises(ValueError, match="different model"):
+        load_lazy_cache(path, tiny_model("llama", seed=7))
+    with pytest.raises(ValueError, match="built with schedule"):
+        load_lazy_cache(path, model, LazyConfig.preset("none"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_lazy_cache(tmp_path / "missing.safetensors", model)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable lazyllm-mlx prompt cache"):
+        load_lazy_cache(garbage, model)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        load_lazy_cache(truncated, model)
