@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from .config import LazyConfig, Schedule
 
@@ -69,6 +70,23 @@ class StageStore:
     def grow_positions(self, capacity: int) -> None:
         self.index_of = _grow_rows(self.index_of, capacity, 0, fill=-1)
 
+    def keep_before(self, position: int) -> None:
+        """Forget the tokens at `position` and after (host work: not for the hot path)."""
+        held = np.array(self.positions[: self.size])
+        kept = np.nonzero(held < position)[0]
+        if kept.size == self.size:
+            return
+        rows = mx.array(kept.astype(np.int32))
+        for buffers in (self.keys, self.values):
+            for j, buf in enumerate(buffers):
+                if buf is not None:
+                    buffers[j] = mx.take(buf[..., : self.size, :], rows, axis=2)
+        self.positions = self.positions[rows]
+        self.size = int(kept.size)
+        self.index_of = mx.full(self.index_of.shape, -1, dtype=mx.int32)
+        self.index_of[self.positions] = mx.arange(self.size, dtype=mx.int32)
+        self.sorted = bool(np.all(np.diff(held[kept]) > 0))
+
     def nbytes(self) -> int:
         arrays = [a for a in self.keys + self.values if a is not None]
         return sum(a[..., : self.size, :].nbytes for a in arrays)
@@ -100,6 +118,18 @@ class AuxStore:
 
     def grow_positions(self, capacity: int) -> None:
         self.row_of = _grow_rows(self.row_of, capacity, 0, fill=-1)
+
+    def keep_before(self, position: int) -> None:
+        held = np.array(self.positions[: self.size])
+        kept = np.nonzero(held < position)[0]
+        if kept.size == self.size:
+            return
+        rows = mx.array(kept.astype(np.int32))
+        self.hidden = self.hidden[rows]
+        self.positions = self.positions[rows]
+        self.size = int(kept.size)
+        self.row_of = mx.full(self.row_of.shape, -1, dtype=mx.int32)
+        self.row_of[self.positions] = mx.arange(self.size, dtype=mx.int32)
 
     def waiting(self, stage: StageStore) -> mx.array:
         """Bool mask over rows: tokens still without KV at the stage this aux cache feeds."""
@@ -139,6 +169,17 @@ class LazyCache:
             store.grow_positions(self.position_capacity)
         for aux in self.aux[1:]:
             aux.grow_positions(self.position_capacity)
+
+    def trim(self, num_tokens: int) -> int:
+        """Forget the last `num_tokens` tokens (like mlx-lm's cache.trim); returns how many."""
+        num_tokens = max(0, min(num_tokens, self.offset))
+        if num_tokens:
+            self.offset -= num_tokens
+            for store in self.stages:
+                store.keep_before(self.offset)
+            for aux in self.aux[1:]:
+                aux.keep_before(self.offset)
+        return num_tokens
 
     @property
     def state(self) -> list[mx.array]:

@@ -91,3 +91,38 @@ def test_mismatched_or_broken_cache_files_are_refused(model, tmp_path):
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="not a readable"):
         load_lazy_cache(truncated, model)
+
+
+def test_trim_takes_back_a_turn(model):
+    """With nothing pruned, trimming back to turn one and going on equals never taking the turn."""
+    lazy = "none"
+    reference = make_lazy_cache(model, lazy)
+    converse(model, lazy, reference, TURNS[:1])
+    offset = reference.offset
+    expected = converse(model, lazy, reference, TURNS[1:2])
+
+    cache = make_lazy_cache(model, lazy)
+    converse(model, lazy, cache, TURNS[:1])
+    converse(model, lazy, cache, TURNS[2:3])  # a turn we then take back
+    assert cache.trim(cache.offset - offset) == TURNS[2].size + 12
+    assert cache.offset == offset and cache.tokens_per_layer() == [offset] * 10
+    assert converse(model, lazy, cache, TURNS[1:2]) == expected
+
+
+def test_trim_keeps_a_consistent_lazy_state(model):
+    """Pruned tokens of the kept part stay revivable; revived KV of the kept part is kept."""
+    cache = make_lazy_cache(model, "paper")
+    converse(model, "paper", cache, TURNS[:1])
+    offset, sizes = cache.offset, cache.tokens_per_layer()
+    converse(model, "paper", cache, TURNS[1:2])
+    cache.trim(cache.offset - offset)
+    assert cache.offset == offset
+    assert all(now >= before for now, before in zip(cache.tokens_per_layer(), sizes))
+    for store in cache.stages:
+        positions = store.positions[: store.size].tolist()
+        assert len(set(positions)) == len(positions) and max(positions) < offset
+        assert all(store.index_of[p].item() == i for i, p in enumerate(positions))
+    for aux in cache.aux[1:]:
+        assert all(p < offset for p in aux.positions[: aux.size].tolist())
+    converse(model, "paper", cache, TURNS[2:3])  # and it goes on
+    assert cache.offset == offset + TURNS[2].size + 12
