@@ -193,9 +193,17 @@ def stream_generate(
     max_tokens: int = 256,
     *,
     lazy: LazyConfig | str | dict | None = None,
+    should_stop: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> Iterator[GenerationResponse]:
-    """Stream GenerationResponses; raises bad-input errors at call time, before any work."""
+    """Stream GenerationResponses; raises bad-input errors at call time, before any work.
+
+    should_stop: called after every token; True ends the stream with finish_reason "cancelled".
+    Closing the generator also stops it. Either way the prompt cache stays consistent: it holds
+    the prompt and every generated token that was yielded (its `offset` says how many tokens).
+    Other keyword arguments go to `generate_step` (sampler, logits_processors, prompt_cache,
+    prefill_step_size, prompt_progress_callback).
+    """
     if max_tokens == 0:
         raise ValueError("Maximum number of tokens must be non-zero (use -1 for no limit).")
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -208,10 +216,10 @@ def stream_generate(
         stats = kwargs["stats"] = LazyStats(len(model.layers))
         if kwargs.get("prompt_cache") is None:
             kwargs["prompt_cache"] = make_lazy_cache(model, config)
-    return _stream(model, tokenizer, tokens, max_tokens, config, stats, kwargs)
+    return _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kwargs)
 
 
-def _stream(model, tokenizer, tokens, max_tokens, config, stats, kwargs):
+def _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kwargs):
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     steps = generate_step(tokens, model, lazy=config, max_tokens=max_tokens, **kwargs)
@@ -244,11 +252,16 @@ def _stream(model, tokenizer, tokens, max_tokens, config, stats, kwargs):
             if token in tokenizer.eos_token_ids:
                 break
             detokenizer.add_token(token)
-            if (n + 1) == max_tokens:
+            if (n + 1) == max_tokens or (should_stop is not None and should_stop()):
                 break
             yield response(token, logprobs, n)
         detokenizer.finalize()
-        reason = "stop" if token in tokenizer.eos_token_ids else "length"
+        if token in tokenizer.eos_token_ids:
+            reason = "stop"
+        elif (n + 1) == max_tokens:
+            reason = "length"
+        else:
+            reason = "cancelled"
         yield response(token, logprobs, n, finish_reason=reason)
 
 

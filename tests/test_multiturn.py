@@ -126,3 +126,32 @@ def test_trim_keeps_a_consistent_lazy_state(model):
         assert all(p < offset for p in aux.positions[: aux.size].tolist())
     converse(model, "paper", cache, TURNS[2:3])  # and it goes on
     assert cache.offset == offset + TURNS[2].size + 12
+
+
+def test_stopping_early_leaves_a_consistent_cache(model):
+    """A stop callback or closing the stream: the cache holds exactly what was fed, and goes on."""
+    from lazyllm_mlx import stream_generate
+
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    calls = []
+    cache = make_lazy_cache(model, "paper")
+    responses = list(
+        stream_generate(
+            model, tokenizer, TURNS[0], 50, lazy="paper", prompt_cache=cache,
+            should_stop=lambda: len(calls.append(1) or calls) >= 4,
+        )
+    )  # fmt: skip
+    assert responses[-1].finish_reason == "cancelled" and len(responses) == 4
+    assert cache.offset == TURNS[0].size + 4
+
+    stream = stream_generate(model, tokenizer, TURNS[1], 50, lazy="paper", prompt_cache=cache)
+    for _ in zip(range(3), stream):
+        pass
+    stream.close()
+    assert cache.offset == TURNS[0].size + 4 + TURNS[1].size + 3
+    for store in cache.stages:
+        positions = store.positions[: store.size].tolist()
+        assert len(set(positions)) == len(positions) < cache.offset + 1
+    converse(model, "paper", cache, TURNS[2:3])
