@@ -1,0 +1,153 @@
+"""Speed measurements: baseline vs lazy schedules on real-text prompts, in one process.
+
+Runs are interleaved (baseline, schedule 1, schedule 2, … then again) so that a noisy machine
+disturbs every column alike; each cell is the median over the runs after one warm-up round.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import LazyConfig
+from .generate import stream_generate
+
+
+def real_text_tokens(tokenizer, count: int) -> list[int]:
+    """`count` tokens of real English text: Python's reference documentation, in a fixed order."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    if len(tokens) < count:
+        raise ValueError(f"Only {len(tokens)} tokens of documentation text; asked for {count}.")
+    return tokens[:count]
+
+
+@dataclass
+class Run:
+    ttft: float
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float
+    prefill_fraction: float | None
+    tokens_per_layer: list[int] | None
+
+
+@dataclass
+class Cell:
+    """One (prompt length, method) of the table: medians over the runs."""
+
+    length: int
+    method: str  # "baseline" or a schedule string
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(run, name) for run in self.runs)
+
+    def summary(self, baseline: Cell | None) -> dict[str, Any]:
+        out = dict(
+            length=self.length,
+            method=self.method,
+            runs=len(self.runs),
+            ttft=self.median("ttft"),
+            prompt_tps=self.median("prompt_tps"),
+            generation_tps=self.median("generation_tps"),
+            peak_memory_gb=self.median("peak_memory"),
+            prefill_fraction=self.runs[0].prefill_fraction,
+        )
+        if baseline is not None:
+            out["speedup"] = baseline.median("ttft") / out["ttft"]
+            out["decode_vs_baseline"] = out["generation_tps"] / baseline.median("generation_tps")
+            out["memory_vs_baseline"] = out["peak_memory_gb"] / baseline.median("peak_memory")
+        if self.runs[0].prefill_fraction:
+            out["ideal_speedup"] = 1.0 / self.runs[0].prefill_fraction
+            if "speedup" in out:
+                out["measured_over_ideal"] = out["speedup"] / out["ideal_speedup"]
+        out["tokens_per_layer"] = self.runs[0].tokens_per_layer
+        return out
+
+
+def measure(
+    model: nn.Module,
+    tokenizer,
+    tokens: list[int],
+    lazy: LazyConfig | None,
+    max_tokens: int,
+    prefill_step_size: int,
+) -> Run:
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    *_, last = stream_generate(
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=max_tokens,
+        lazy=lazy,
+        prefill_step_size=prefill_step_size,
+    )
+    stats = last.lazy
+    return Run(
+        ttft=last.ttft,
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory=last.peak_memory,
+        prefill_fraction=stats.prefill_fraction if stats else None,
+        tokens_per_layer=stats.prefill_tokens_per_layer if stats else None,
+    )
+
+
+def run_bench(
+    model: nn.Module,
+    tokenizer,
+    lengths: list[int],
+    schedules: list[str],
+    runs: int = 3,
+    max_tokens: int = 32,
+    prefill_step_size: int = 2048,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """The table's rows: for each length, the baseline then each schedule."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1.")
+    methods = {"baseline": None} | {name: LazyConfig.parse(name) for name in schedules}
+    rows = []
+    for length in lengths:
+        tokens = real_text_tokens(tokenizer, length)
+        cells = {name: Cell(length, name) for name in methods}
+        for round_index in range(runs + 1):  # round 0 is the warm-up
+            for name, lazy in methods.items():
+                run = measure(model, tokenizer, tokens, lazy, max_tokens, prefill_step_size)
+                if round_index:
+                    cells[name].runs.append(run)
+                log(f"{length} tokens, {name}, round {round_index}: TTFT {run.ttft:.2f} s")
+        baseline = cells.pop("baseline")
+        rows += [baseline.summary(None)] + [cell.summary(baseline) for cell in cells.values()]
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'tokens':>7} {'method':<30}{'TTFT s':>8}{'×base':>7}{'ideal':>7}{'meas/ideal':>11}"
+        f"{'prefill':>8}{'decode t/s':>11}{'×base':>7}{'peak GB':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+
+        def cell(key, fmt, width, row=row):
+            value = row.get(key)
+            return f"{'' if value is None else format(value, fmt):>{width}}"
+
+        lines.append(
+            f"{row['length']:>7} {row['method'][:29]:<30}{cell('ttft', '.2f', 8)}"
+            f"{cell('speedup', '.2f', 7)}{cell('ideal_speedup', '.2f', 7)}"
+            f"{cell('measured_over_ideal', '.2f', 11)}{cell('prefill_fraction', '.3f', 8)}"
+            f"{cell('generation_tps', '.1f', 11)}{cell('decode_vs_baseline', '.2f', 7)}"
+            f"{cell('peak_memory_gb', '.3f', 9)}"
+        )
+    return "\n".join(lines)

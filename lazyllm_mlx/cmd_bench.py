@@ -1,0 +1,66 @@
+"""`lazyllm-mlx bench`: TTFT, throughput and memory, baseline vs LazyLLM schedules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from .bench import format_table, run_bench
+from .loading import load
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    parser.add_argument("--lengths", default="1024,2048,4096", help="Prompt lengths in tokens")
+    parser.add_argument("--schedules", default="paper,default", help="Comma-separated schedules")
+    parser.add_argument(
+        "--skip-norevive",
+        action="store_true",
+        help="Do not also measure each schedule without revival (';norevive')",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="Measured runs per cell (+1 warm-up)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per run")
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--json", help="Write the results to this JSON file")
+    parser.add_argument("--plot-dir", help="Write speedup.png and tokens_per_layer.png here")
+    parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    if not args.skip_norevive:
+        schedules += [f"{s};norevive" for s in schedules if "norevive" not in s]
+    model, tokenizer = load(args.model)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    rows = run_bench(
+        model,
+        tokenizer,
+        lengths,
+        schedules,
+        runs=args.runs,
+        max_tokens=args.max_tokens,
+        prefill_step_size=args.prefill_step_size,
+        log=log,
+    )
+    name = args.model or "SmolLM2-135M-Instruct (default)"
+    print(f"model: {name}; device: {mx.default_device()}; median of {args.runs} runs after a "
+          f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
+    print(format_table(rows))
+    if args.json:
+        context = dict(model=name, device=str(mx.default_device()), runs=args.runs,
+                       max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size,
+                       command=" ".join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
+        Path(args.json).write_text(json.dumps(dict(context, rows=rows), indent=2))
+    if args.plot_dir:
+        from .plots import plot_speedup, plot_tokens_per_layer
+
+        out = Path(args.plot_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_speedup(rows, out / "speedup.png", f"TTFT speed-up, {name}")
+        plot_tokens_per_layer(rows, out / "tokens_per_layer.png", f"Tokens per layer, {name}")
+    return 0
