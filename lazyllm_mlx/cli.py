@@ -9,6 +9,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "generate": ("lazyllm_mlx.cmd_generate", "generate text, LazyLLM vs baseline with --compare"),
+    "bench": ("lazyllm_mlx.cmd_bench", "TTFT, throughput and memory: baseline vs schedules"),
 }
 
 
