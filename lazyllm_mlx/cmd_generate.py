@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare", action="store_true", help="Run baseline and lazy on the same prompt"
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON object on stdout")
+    parser.add_argument(
+        "--prompt-cache-file",
+        help="Continue a cache saved by `lazyllm-mlx cache-prompt`: the prompt goes on from the "
+        "cached document (model and schedule default to the file's)",
+    )
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -106,7 +111,9 @@ def progress_bar(label: str):
     return show
 
 
-def run_once(model, tokenizer, tokens, lazy, args, label: str, echo: bool) -> dict[str, Any]:
+def run_once(
+    model, tokenizer, tokens, lazy, args, label: str, echo: bool, prompt_cache=None
+) -> dict[str, Any]:
     if args.seed is not None:
         mx.random.seed(args.seed)
     mx.reset_peak_memory()
@@ -124,6 +131,7 @@ def run_once(model, tokenizer, tokens, lazy, args, label: str, echo: bool) -> di
         sampler=sampler,
         prefill_step_size=args.prefill_step_size,
         prompt_progress_callback=progress_bar(label),
+        prompt_cache=prompt_cache,
     ):
         ids.append(last.token)
         text += last.text
@@ -191,12 +199,21 @@ def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
-    model, tokenizer = load(args.model)
-    lazy = resolve_schedule(model, args.schedule)
-    tokens = prompt_tokens(tokenizer, text, args)
+    cache = None
+    if args.prompt_cache_file:
+        if args.compare:
+            raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
+        from .cmd_cache_prompt import continue_from_file
+
+        model, tokenizer, lazy, tokens, cache = continue_from_file(args, text)
+    else:
+        model, tokenizer = load(args.model)
+        lazy = resolve_schedule(model, args.schedule)
+        tokens = prompt_tokens(tokenizer, text, args)
     echo = args.verbose and not args.json and not args.compare
     report: dict[str, Any] = dict(model=args.model or "default (SmolLM2-135M-Instruct)")
     report["prompt_tokens"] = len(tokens)
+    report["cached_tokens"] = cache.offset if cache is not None else 0
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
@@ -210,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         report["agreement"] = agreement(runs["baseline"]["tokens"], runs["lazy"]["tokens"])
     else:
         label = "lazy" if lazy is not None else "baseline"
-        runs = {label: run_once(model, tokenizer, tokens, lazy, args, label, echo)}
+        runs = {label: run_once(model, tokenizer, tokens, lazy, args, label, echo, cache)}
     report["runs"] = runs
     if args.json:
         print(json.dumps(report))
@@ -220,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.verbose:
         (result,) = runs.values()
         print("=" * 10)
-        print(f"Prompt: {len(tokens)} tokens, {result['prompt_tps']:.3f} tokens-per-sec")
+        cached = f" (+{report['cached_tokens']} cached)" if report["cached_tokens"] else ""
+        print(f"Prompt: {len(tokens)} tokens{cached}, {result['prompt_tps']:.3f} tokens-per-sec")
         print(f"Time to first token: {result['ttft']:.3f} s ({result['schedule']})")
         print(
             f"Generation: {result['generation_tokens']} tokens, "

@@ -1,0 +1,95 @@
+"""The prompt caches `lazyllm-mlx serve` keeps between requests, one per schedule.
+
+Each slot holds the tokens the last request of that schedule left in its cache (prompt and
+generated tokens) and the cache itself: a LazyCache, or mlx-lm's list of KV caches for plain mlx-lm.
+A request takes its schedule's slot, the cache is trimmed back to the prefix the two share (keeping
+at least one new token to prefill), and the request prefills only the rest. Not thread-safe: the
+server uses it under its generation lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+from .cache import LazyCache
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cache_offset(cache: Any) -> int:
+    """Tokens held by a LazyCache or an mlx-lm list cache."""
+    return cache.offset if isinstance(cache, LazyCache) else cache[0].offset
+
+
+def trim_cache(cache: Any, num_tokens: int) -> bool:
+    """Forget the last `num_tokens` tokens; False when the cache cannot be trimmed."""
+    if num_tokens <= 0:
+        return True
+    if isinstance(cache, LazyCache):
+        return cache.trim(num_tokens) == num_tokens
+    if not can_trim_prompt_cache(cache):
+        return False
+    return trim_prompt_cache(cache, num_tokens) == num_tokens
+
+
+@dataclass
+class _Slot:
+    tokens: list[int]
+    cache: Any
+
+
+class PromptCaches:
+    """Per key (a schedule), the last request's tokens and cache; the least recently used go."""
+
+    def __init__(self, max_slots: int = 4):
+        self.max_slots = max_slots
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+    def take(self, key: str, prompt: Sequence[int], make: Callable[[], Any]) -> tuple[Any, int]:
+        """A cache for `prompt` and how many of its tokens it already holds.
+
+        The slot is removed while in use, so a generation that fails leaves no half-written cache.
+        """
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            reused = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            if reused > 0 and trim_cache(slot.cache, cache_offset(slot.cache) - reused):
+                return slot.cache, reused
+        return make(), 0
+
+    def put(self, key: str, tokens: list[int], cache: Any) -> None:
+        """Keep `cache`, which holds `tokens` (a longer list is cut to what the cache holds)."""
+        held = cache_offset(cache)
+        if held > len(tokens) and not trim_cache(cache, held - len(tokens)):
+            return
+        self._slots[key] = _Slot(list(tokens[: cache_offset(cache)]), cache)
+        self._slots.move_to_end(key)
+        while len(self._slots) > self.max_slots:
+            self._slots.popitem(last=False)
+
+
+def settle(cache: Any) -> None:
+    """Evaluate pending cache writes: the next request may run on another thread."""
+    state = cache.state if isinstance(cache, LazyCache) else [c.state for c in cache]
+    mx.eval([a for _, a in tree_flatten(state) if isinstance(a, mx.array)])

@@ -1,0 +1,270 @@
+"""What `lazyllm-mlx serve` does with a request: prompt tokens, schedule, cache reuse, stop strings.
+
+One model serves every request, so generations are serialized by one lock: a request holds it from
+`start` until its Generation is closed (streaming included); the others wait their turn. Tokenizing
+and validating happen before the lock, so a bad request never waits behind a long generation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.server import convert_chat
+
+from .config import LazyConfig, as_config
+from .engine import LazyStats
+from .generate import context_length, make_lazy_cache, stream_generate
+from .server_cache import PromptCaches, settle
+from .server_protocol import SERVER_DEFAULT, CompletionRequest, RequestError
+
+
+@dataclass
+class Finish:
+    """How a request ended, with its counts and LazyLLM figures."""
+
+    reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # prompt tokens found in the server's cache, not prefilled again
+    schedule: str
+    ttft: float
+    stats: LazyStats | None
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.reused_tokens},
+        }
+
+    def lazyllm(self) -> dict[str, Any]:
+        """Our non-standard response field; prefill figures cover this request's new tokens."""
+        stats = self.stats
+        return {
+            "schedule": self.schedule,
+            "ttft": self.ttft,
+            "reused_tokens": self.reused_tokens,
+            "prefilled_tokens": self.prompt_tokens - self.reused_tokens,
+            "prefill_fraction": stats.prefill_fraction if stats else None,
+            "revived": stats.revived if stats else None,
+            "pruned": stats.pruned if stats else None,
+        }
+
+
+class StopText:
+    """Generated text cut at the first stop string; text that may begin one is held back."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, segment: str) -> str:
+        """Append `segment`; returns the text that can now be sent."""
+        if self.stopped:
+            return ""
+        self.text += segment
+        hits = [i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        self.stopped = bool(hits)
+        end = min(hits) if hits else len(self.text) - self._held()
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+    def flush(self) -> str:
+        """The held-back text, at the end of a generation that met no stop string."""
+        out = "" if self.stopped else self.text[self.sent :]
+        self.sent = len(self.text)
+        return out
+
+    def _held(self) -> int:
+        rest, held = self.text[self.sent :], 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(rest)), held, -1):
+                if rest.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+
+class GenerationService:
+    """The model, its tokenizer, the server's defaults, the prompt caches and the lock."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        lazy: LazyConfig | None,
+        model_id: str = "default",
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        prefill_step_size: int = 2048,
+        chat_template_args: dict[str, Any] | None = None,
+        cache_slots: int = 4,
+    ):
+        self.model, self.tokenizer, self.lazy, self.model_id = model, tokenizer, lazy, model_id
+        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.prefill_step_size = prefill_step_size
+        self.chat_template_args = chat_template_args or {}
+        self.caches = PromptCaches(cache_slots)
+        self.lock = threading.Lock()
+
+    def prompt_tokens(self, request: CompletionRequest) -> list[int]:
+        """The request's prompt as tokens (chat template applied to chats); RequestError if bad."""
+        tokenizer = self.tokenizer
+        if request.kind == "text" and isinstance(request.prompt, list):
+            tokens = list(request.prompt)
+            vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
+            if vocab is not None and max(tokens) >= vocab:
+                raise RequestError(
+                    f"Token id {max(tokens)} is outside the vocabulary.", param="prompt"
+                )
+        elif request.kind == "text":
+            bos = tokenizer.bos_token
+            special = bos is None or not request.prompt.startswith(bos)  # mlx-lm's rule
+            tokens = tokenizer.encode(request.prompt, add_special_tokens=special)
+        elif tokenizer.has_chat_template:
+            options = {**self.chat_template_args, **request.chat_template_kwargs}
+            try:
+                text = tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True, **options
+                )
+            except Exception as error:  # jinja raises its own errors for messages it refuses
+                raise RequestError(f"The chat template refused the messages: {error}") from None
+            tokens = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            tokens = tokenizer.encode(convert_chat(request.messages))
+        if not tokens:
+            raise RequestError("The prompt is empty: it gives no tokens.", param="prompt")
+        limit = context_length(self.model)
+        if limit is not None and len(tokens) > limit:
+            raise RequestError(
+                f"The prompt has {len(tokens)} tokens, more than the model's context of {limit}.",
+                code="context_length_exceeded",
+            )
+        return tokens
+
+    def schedule(self, request: CompletionRequest) -> LazyConfig | None:
+        """The request's schedule (the server's when it names none); RequestError if invalid."""
+        if request.lazy == SERVER_DEFAULT:
+            return self.lazy
+        try:
+            config = as_config(request.lazy)
+            if config is not None:
+                config.resolve(len(self.model.layers))
+        except (ValueError, TypeError) as error:
+            raise RequestError(
+                f"Invalid schedule {request.lazy!r}: {error}", param="lazy"
+            ) from None
+        return config
+
+    def start(
+        self,
+        request: CompletionRequest,
+        tokens: list[int],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Take the lock, reuse the cached prefix and set the generation up (no work yet).
+
+        Close the returned Generation (or use it in a `with` block) to release the lock.
+        """
+        lazy = self.schedule(request)
+        key = "off" if lazy is None else lazy.to_string()
+        self.lock.acquire()
+        try:
+            if request.seed is not None:
+                mx.random.seed(request.seed)
+            cache, reused = self.caches.take(key, tokens, partial(self._new_cache, lazy))
+            temperature = self.temperature if request.temperature is None else request.temperature
+            top_p = self.top_p if request.top_p is None else request.top_p
+            try:
+                responses = stream_generate(
+                    self.model,
+                    self.tokenizer,
+                    tokens[reused:],
+                    request.max_tokens or self.max_tokens,
+                    lazy=lazy,
+                    prompt_cache=cache,
+                    sampler=make_sampler(temperature, top_p=top_p),
+                    prefill_step_size=self.prefill_step_size,
+                    prompt_progress_callback=progress,
+                )
+            except ValueError as error:
+                raise RequestError(str(error)) from None
+            name = "off" if lazy is None else lazy.name or lazy.to_string()
+            return Generation(self, key, name, tokens, cache, reused, responses, request.stop)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _new_cache(self, lazy: LazyConfig | None) -> Any:
+        return make_prompt_cache(self.model) if lazy is None else make_lazy_cache(self.model, lazy)
+
+
+class Generation:
+    """A started request: iterate for text pieces; `finish` is set once they are exhausted."""
+
+    def __init__(self, service, key, name, tokens, cache, reused, responses, stops):
+        self._service, self._key, self._name = service, key, name
+        self._tokens, self._cache, self._reused = tokens, cache, reused
+        self._responses, self._stops = responses, stops
+        self._generated: list[int] = []
+        self._failed = False
+        self._closed = False
+        self.finish: Finish | None = None
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        stop = StopText(self._stops)
+        last = None
+        try:
+            for last in self._responses:
+                self._generated.append(last.token)
+                text = stop.add(last.text)
+                if text:
+                    yield text
+                if stop.stopped:
+                    break
+            if tail := stop.flush():
+                yield tail
+        except Exception:
+            self._failed = True  # a half-run step may have left the cache inconsistent
+            raise
+        self.finish = Finish(
+            reason="stop" if stop.stopped else last.finish_reason,
+            prompt_tokens=len(self._tokens),
+            completion_tokens=len(self._generated),
+            reused_tokens=self._reused,
+            schedule=self._name,
+            ttft=last.ttft,
+            stats=last.lazy,
+        )
+
+    def close(self) -> None:
+        """End the generation (early or not), keep the cache for the next request, unlock."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._responses.close()
+            if not self._failed:
+                settle(self._cache)
+                self._service.caches.put(self._key, self._tokens + self._generated, self._cache)
+        finally:
+            self._service.lock.release()

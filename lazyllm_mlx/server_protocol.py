@@ -1,0 +1,218 @@
+"""OpenAI-style requests and responses for `lazyllm-mlx serve`: parsing, validation, JSON shapes.
+
+The shapes follow mlx-lm's server (itself following OpenAI): `chat.completion`,
+`chat.completion.chunk` and `text_completion` objects, `usage` with
+`prompt_tokens_details.cached_tokens`, errors as `{"error": {"message", "type", "param", "code"}}`.
+Our own figures go in a non-standard `lazyllm` field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+SERVER_DEFAULT = "server-default"  # `lazy` when the request does not name a schedule
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        error = dict(message=str(self), type=self.kind, param=self.param, code=self.code)
+        return {"error": error}
+
+
+@dataclass
+class CompletionRequest:
+    """One /v1/chat/completions or /v1/completions request, validated."""
+
+    kind: str  # "chat" or "text"
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat
+    prompt: str | list[int] = ""  # text
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None  # None: the server's default
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    lazy: Any = SERVER_DEFAULT  # a schedule string or dict, None for plain mlx-lm
+    model: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+    created: int = 0
+
+    @property
+    def object(self) -> str:
+        if self.kind == "text":
+            return "text_completion"
+        return "chat.completion.chunk" if self.stream else "chat.completion"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad(message: str, param: str | None = None) -> RequestError:
+    return RequestError(message, param=param)
+
+
+def parse_request(kind: str, raw: bytes) -> CompletionRequest:
+    """Parse and validate a request body; raises RequestError (400) with what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _bad(f"Invalid JSON in request body: {error}") from None
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.")
+    request = CompletionRequest(kind=kind, created=int(time.time()))
+    request.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    if kind == "chat":
+        request.messages = _messages(body)
+    else:
+        request.prompt = _prompt(body)
+    request.stream = _optional(body, "stream", bool, "a boolean") or False
+    options = _optional(body, "stream_options", dict, "an object") or {}
+    request.include_usage = bool(options.get("include_usage", False))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise _bad("max_tokens must be an integer >= 1.", "max_tokens")
+    request.max_tokens = max_tokens
+    request.temperature = _number(body, "temperature", 0.0, None)
+    request.top_p = _number(body, "top_p", 0.0, 1.0)
+    request.stop = _stop(body.get("stop"))
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise _bad("seed must be an integer.", "seed")
+    request.seed = seed
+    n = body.get("n", 1)
+    if n != 1:
+        raise _bad("Only n=1 is supported (one model, one generation at a time).", "n")
+    if "lazy" in body:
+        lazy = body["lazy"]
+        if lazy is not None and not isinstance(lazy, (str, dict)):
+            raise _bad("lazy must be a schedule string, an object, or null (plain mlx-lm).", "lazy")
+        request.lazy = None if lazy == "off" else lazy
+    request.model = _optional(body, "model", str, "a string")
+    request.chat_template_kwargs = _optional(body, "chat_template_kwargs", dict, "an object") or {}
+    return request
+
+
+def _optional(body: dict, name: str, kind: type, what: str) -> Any:
+    value = body.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise _bad(f"{name} must be {what}.", name)
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float | None) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise _bad(f"{name} must be a number {bounds}.", name)
+    return float(value)
+
+
+def _stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop must be a string or a list of strings.", "stop")
+    return [s for s in stops if s]
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("The request has no messages.", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list of message objects.", "messages")
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _bad(f"messages[{i}] must be an object with a string role.", "messages")
+        clean.append({**message, "content": _content(message.get("content"), i)})
+    return clean
+
+
+def _content(content: Any, i: int) -> str:
+    """Message content as text: a string, or a list of text parts (OpenAI's content parts)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise _bad(f"messages[{i}]: only text content parts are supported.", "messages")
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{i}]: a text part needs a string 'text'.", "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"messages[{i}].content must be a string or a list of text parts.", "messages")
+
+
+def _prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("The request has no prompt.", "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("The prompt is empty.", "prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        return prompt
+    raise _bad("prompt must be a non-empty string or a list of token ids.", "prompt")
+
+
+def response_body(
+    request: CompletionRequest,
+    model_id: str,
+    text: str,
+    finish_reason: str | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A whole response (non-streaming) or one SSE chunk (streaming), mlx-lm's shapes."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
+    if request.kind == "text":
+        choice.update(text=text, logprobs=None)
+    elif request.stream:
+        choice["delta"] = {"role": "assistant", **({"content": text} if text else {})}
+    else:
+        choice["message"] = {"role": "assistant", "content": text}
+    body = {
+        "id": request.id,
+        "object": request.object,
+        "created": request.created,
+        "model": model_id,
+        "choices": [choice],
+    }
+    return {**body, **(extra or {})}
+
+
+def usage_chunk(request: CompletionRequest, model_id: str, usage: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
+    body = response_body(request, model_id, "", None)
+    return {**body, "choices": [], "usage": usage}
