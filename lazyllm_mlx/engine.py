@@ -36,7 +36,8 @@ class LazyStats:
 
     num_layers: int
     prompt_tokens: int = 0
-    prefill_token_layers: int = 0
+    prefill_token_layers: int = 0  # this request's prompt tokens, computed during its prefill
+    revival_token_layers: int = 0  # older tokens revived while prefilling a later turn
     decode_token_layers: int = 0
     decode_steps: int = 0
     revived: int = 0  # tokens resumed from an aux cache
@@ -63,6 +64,7 @@ class _InFlight:
     hidden: mx.array  # (1, n, hidden)
     count: int
     first_position: int | None  # set when positions are contiguous (plain RoPE offset)
+    new_count: int  # how many of them are this call's new tokens (the others are revived)
 
 
 @dataclass
@@ -212,7 +214,7 @@ def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) 
     kept, dropped = split_top(scores, count)
     if dropped.size:
         cache.aux[k].append(flight.positions[dropped], flight.hidden[0, dropped])
-    return _InFlight(flight.positions[kept], flight.hidden[:, kept], count, None)
+    return _InFlight(flight.positions[kept], flight.hidden[:, kept], count, None, count)
 
 
 # Up to this many tokens computed at a stage attend through a mask over the whole store; more
@@ -243,8 +245,9 @@ def _select_and_revive(
     missing = store.index_of[selected] < 0
     from_aux = missing & (in_flight_row[selected] < 0)
     left_behind = ~is_selected[flight.positions]
-    n_missing, n_from_aux, n_left = mx.stack(
-        [missing.sum(), from_aux.sum(), left_behind.sum()]
+    new = missing & (selected >= cache.offset)
+    n_missing, n_from_aux, n_left, n_new = mx.stack(
+        [missing.sum(), from_aux.sum(), left_behind.sum(), new.sum()]
     ).tolist()  # the one host sync of a boundary: the shapes below depend on these counts
 
     if n_left:
@@ -260,7 +263,7 @@ def _select_and_revive(
         stats.revived += n_from_aux
     gather = n_missing > _MASK_MAX_QUERIES
     attend = _Attend(mx.sort(selected) if gather else selected, count, is_selected, gather)
-    return _InFlight(todo, hidden[None], n_missing, None), attend
+    return _InFlight(todo, hidden[None], n_missing, None, n_new), attend
 
 
 def lazy_forward(
@@ -284,7 +287,7 @@ def lazy_forward(
     cache.reserve_positions(count)
     fresh = first == 0
     positions = mx.arange(first, first + count, dtype=mx.int32)
-    flight = _InFlight(positions, family.embed(tokens[None]), count, first)
+    flight = _InFlight(positions, family.embed(tokens[None]), count, first, count)
     selecting = prune and bool(cache.schedule.boundaries)
     counts = _planned_counts(cache, count, selecting)
     planned = sum(n * len(s.layers) for n, s in zip(counts, cache.stages))
@@ -318,15 +321,16 @@ def lazy_forward(
             on_chunk=on_chunk if not decoding else None,
             selection=cache.config.selection,
         )
-        flight = _InFlight(flight.positions, flight_hidden, flight.count, flight.first_position)
-        work = flight.count * len(store.layers)
+        flight.hidden = flight_hidden
+        layers = len(store.layers)
         if decoding:
-            stats.decode_token_layers += work
+            stats.decode_token_layers += flight.count * layers
             attended = attend.count if attend.selected is not None else store.size
             _add_per_layer(stats.decode_attended_per_layer, k, cache, attended)
         else:
-            stats.prefill_token_layers += work
-            _add_per_layer(stats.prefill_tokens_per_layer, k, cache, flight.count)
+            stats.prefill_token_layers += flight.new_count * layers
+            stats.revival_token_layers += (flight.count - flight.new_count) * layers
+            _add_per_layer(stats.prefill_tokens_per_layer, k, cache, flight.new_count)
     cache.offset += count
     if decoding:
         stats.decode_steps += 1
