@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .cache import LazyCache  # noqa: E402
 from .config import LazyConfig  # noqa: E402
+from .convert import convert  # noqa: E402
 from .engine import LazyStats  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResponse,
@@ -23,6 +24,7 @@ __all__ = [
     "LazyCache",
     "LazyConfig",
     "LazyStats",
+    "convert",
     "generate",
     "generate_step",
     "load",

@@ -144,7 +144,7 @@ def family_of(model: nn.Module) -> Family:
         windows=windows_of(model),
         scales=[float(attn.scale) for attn in attentions],
         ropes=[install(attn) for attn in attentions],
-        kv_heads=attentions[0].n_kv_heads,
+        kv_heads=getattr(args, "num_key_value_heads", None) or args.num_attention_heads,
         hidden_size=args.hidden_size,
         max_positions=getattr(args, "max_position_embeddings", None),
     )

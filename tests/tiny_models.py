@@ -24,6 +24,34 @@ COMMON = dict(
 FAMILY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", tie_word_embeddings=True),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=10000.0),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, rope_theta=1e6),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=16, rope_theta=1e6),
+    "mixtral": dict(
+        model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6
+    ),
+    # Every third layer without RoPE (NoPE), as SmolLM3 does every fourth.
+    "smollm3": dict(
+        model_type="smollm3", tie_word_embeddings=True, no_rope_layer_interval=3, rope_theta=1e5
+    ),
+    # Two sliding-window layers (own RoPE base) then one global, a window far below the prompts.
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=24,
+        sliding_window_pattern=3,
+        rope_theta=1e6,
+        rope_local_base_freq=1e4,
+        rms_norm_eps=1e-6,
+    ),
+    "phi3": dict(model_type="phi3", tie_word_embeddings=False, partial_rotary_factor=0.5),
+    # llama blocks with alternating sliding-window layers (mlx-lm's `layer_types`).
+    "llama_sliding": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"] * 5,
+    ),
 }
 
 
@@ -34,6 +62,11 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     model = model_class(args_class.from_dict(config))
     # Larger-than-default weights so attention is peaked and token choices are not near-ties.
     params = [(k, v * 2.0) for k, v in tree_flatten(model.parameters()) if "norm" not in k]
+    if config["model_type"] == "gemma3_text":
+        # Gemma norms scale by 1 + w: zero is the unit norm the other families start from.
+        params += [
+            (k, mx.zeros_like(v)) for k, v in tree_flatten(model.parameters()) if "norm" in k
+        ]
     model.update(tree_unflatten(params))
     mx.eval(model.parameters())
     return model

@@ -1,0 +1,72 @@
+"""`lazyllm-mlx convert`: mlx_lm convert's flags, GGUF sources, plus --schedule and --overwrite."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import LazyConfig
+from .convert import DTYPES, convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mlx_lm.convert import QUANT_RECIPES
+
+    parser.add_argument(
+        "--hf-path",
+        "--model",
+        default=None,
+        help="Source: HF/MLX folder, hub id or .gguf file (default: the embedded SmolLM2)",
+    )
+    parser.add_argument("--mlx-path", default="mlx_model", help="Folder to write the model to")
+    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights")
+    parser.add_argument("--q-group-size", type=int, default=None, help="Quantization group size")
+    parser.add_argument("--q-bits", type=int, default=None, help="Bits per quantized weight")
+    parser.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
+    parser.add_argument(
+        "--quant-predicate",
+        choices=QUANT_RECIPES,
+        default=None,
+        help="Mixed-bit quantization recipe",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype of the saved floating weights (default: the source's; float16 for GGUF)",
+    )
+    parser.add_argument(
+        "--schedule",
+        default=None,
+        help="LazyLLM schedule stored in config.json and used by `generate` for this model: a "
+        "preset (none, paper, default) or 'boundary:keep,...[;min=N][;norevive]'",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace --mlx-path if it already exists"
+    )
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    schedule = LazyConfig.parse(args.schedule) if args.schedule is not None else None
+    try:
+        path = convert(
+            args.hf_path,
+            args.mlx_path,
+            quantize=args.quantize,
+            q_group_size=args.q_group_size,
+            q_bits=args.q_bits,
+            q_mode=args.q_mode,
+            quant_predicate=args.quant_predicate,
+            dtype=args.dtype,
+            schedule=schedule,
+            overwrite=args.overwrite,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except FileExistsError as error:
+        raise ValueError(str(error)) from None  # the CLI reports ValueErrors as one-line errors
+    size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    stored = f", schedule {schedule.to_string()}" if schedule is not None else ""
+    print(f"Saved {path} ({size / 1e6:.1f} MB of weights{stored})")
+    return 0

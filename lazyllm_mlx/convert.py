@@ -1,0 +1,207 @@
+"""`convert()`: an HF/MLX folder, a hub id or a GGUF file -> an MLX folder, optionally quantized,
+with a LazyLLM schedule stored in config.json under "lazyllm".
+
+mlx-lm does the work (`mlx_lm.utils.load`, `quantize_model`, its mixed-bit recipes, `save`, which
+writes the weights, `save_config` and the tokenizer files); this module adds GGUF sources, the
+schedule, a progress bar and a safe write: everything goes to a temporary folder beside the target,
+renamed into place at the end, so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from .config import LazyConfig, as_config
+from .default_model import default_model_path
+from .families import check_supported, model_type_of
+
+DTYPES = ("float16", "bfloat16", "float32")  # as mlx_lm convert's --dtype
+GGUF_DEFAULT_DTYPE = "float16"
+
+
+def convert(
+    hf_path: str | Path | None = None,
+    mlx_path: str | Path = "mlx_model",
+    quantize: bool = False,
+    q_group_size: int | None = None,
+    q_bits: int | None = None,
+    q_mode: str = "affine",
+    quant_predicate: str | None = None,
+    dtype: str | None = None,
+    schedule: LazyConfig | str | dict | None = None,
+    overwrite: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Convert `hf_path` (folder, hub id, .gguf file; None: the default model) to an MLX folder.
+
+    Arguments follow `mlx_lm.convert`. dtype: of the saved floating weights; default the source's
+    (config.json's torch_dtype, float16 for GGUF). schedule: stored in config.json, used by
+    `lazyllm-mlx generate` by default; checked against the model before anything is written.
+    overwrite: replace an existing `mlx_path`. progress: a progress bar on stderr (default: when
+    stderr is a terminal). Returns the path of the new folder.
+    """
+    target = Path(mlx_path).expanduser()
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{target} already exists; choose another path, or overwrite it (--overwrite)"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not quantize and (q_bits or q_group_size or quant_predicate):
+        raise ValueError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
+    lazy = as_config(schedule)
+    show = sys.stderr.isatty() if progress is None else progress
+    source = default_model_path() if hf_path is None else hf_path
+    if target.resolve() == Path(source).expanduser().resolve():
+        raise ValueError(f"{target} is the source model: choose another output path")
+
+    model, tokenizer, config, src = _load_source(source, dtype, revision, trust_remote_code, show)
+    if lazy is not None:
+        check_supported(model_type_of(model))
+        lazy.resolve(len(model.layers))  # raises if the schedule does not fit this model
+        config["lazyllm"] = lazy.to_dict()
+
+    if quantize:
+        model, config = _quantize(model, config, q_group_size, q_bits, q_mode, quant_predicate)
+    _evaluate(model, show)
+    with _staging(target, overwrite) as folder:
+        _save(folder, src, model, tokenizer, config)
+    return target
+
+
+def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any, Any, dict, Path]:
+    """(model, tokenizer, config, local source path); floating weights already in their dtype."""
+    from .loading import _download, _is_gguf, check_model_folder
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        if not _is_gguf(path):
+            raise ValueError(f"{path} is a file but not a GGUF model (give a .gguf or a folder)")
+        from .gguf_loader import load_gguf
+
+        dtype = dtype or GGUF_DEFAULT_DTYPE
+        model, tokenizer, config = load_gguf(
+            path, getattr(mx, dtype), progress=show, return_config=True
+        )
+        config["torch_dtype"] = dtype
+        # mlx-lm's loader gives the tokenizer its end-of-generation ids from config.json.
+        config["eos_token_id"] = sorted(tokenizer.eos_token_ids)
+        return model, tokenizer, config, path
+
+    from mlx_lm.utils import load as mlx_load
+
+    folder = path if path.is_dir() else _download(str(source), revision)
+    check_model_folder(folder)
+    model, tokenizer, config = mlx_load(
+        str(folder),
+        tokenizer_config={"trust_remote_code": trust_remote_code},
+        lazy=True,
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
+    dtype = dtype or _stored_dtype(config)
+    if dtype is not None:
+        _cast(model, getattr(mx, dtype))
+    return model, tokenizer, config, folder
+
+
+def _stored_dtype(config: dict) -> str | None:
+    for d in (config, config.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if d.get(key) in DTYPES:
+                return d[key]
+    return None
+
+
+def _cast(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Floating parameters to `dtype`, skipping what the model's cast_predicate excludes (as
+    mlx_lm convert does)."""
+    keep = getattr(model, "cast_predicate", lambda _: True)
+
+    def cast(key: str, value: mx.array) -> mx.array:
+        if keep(key) and mx.issubdtype(value.dtype, mx.floating):
+            return value.astype(dtype)
+        return value
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def _quantize(model, config, group_size, bits, mode, recipe) -> tuple[nn.Module, dict]:
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import quantize_model
+
+    predicate = None
+    if recipe is not None:
+        if mode != "affine":
+            raise ValueError("Mixed-bit recipes (--quant-predicate) need the affine mode.")
+        predicate = mixed_quant_predicate_builder(recipe, model, group_size or 64)
+    return quantize_model(model, config, group_size, bits, mode=mode, quant_predicate=predicate)
+
+
+def _evaluate(model: nn.Module, show: bool) -> None:
+    """Load, cast and quantize layer by layer (the graph is lazy until here), with a bar."""
+    from tqdm.auto import tqdm
+
+    layers = list(getattr(model, "layers", []))
+    with tqdm(total=len(layers) + 1, desc="Converting", unit="layer", disable=not show) as bar:
+        for layer in layers:
+            mx.eval(layer.parameters())
+            bar.update()
+        mx.eval(model.parameters())
+        bar.update()
+
+
+def _save(folder: Path, source: Path, model, tokenizer, config: dict) -> None:
+    from mlx_lm.utils import save
+
+    # mlx-lm's writer: weights (+ index), config.json (sorted), tokenizer files, the source's
+    # *.py and generation_config.json, a model card.
+    save(folder, source, model, tokenizer, config)
+
+
+@contextmanager
+def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `target`, renamed to `target` on success, removed on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield folder
+        _publish(folder, target, overwrite)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(folder: Path, target: Path, overwrite: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes it private
+    if not target.exists() and not target.is_symlink():
+        os.rename(folder, target)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} appeared during the conversion; not replaced")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()  # only the unique name is wanted
+    os.rename(target, old)
+    try:
+        os.rename(folder, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()

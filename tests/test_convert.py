@@ -1,0 +1,301 @@
+"""convert() and `lazyllm-mlx convert`: GGUF and HF folders to MLX folders both loaders read, with
+quantization, dtypes, a stored schedule, and safe writes."""
+
+from __future__ import annotations
+
+import json
+
+import lazyllm_mlx
+from lazyllm_mlx import cli, convert, generate_step, load
+from lazyllm_mlx.cmd_generate import resolve_schedule
+from lazyllm_mlx.config import LazyConfig
+from lazyllm_mlx.gguf_loader import load_gguf
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import pytest
+from gguf_fixtures import write_tiny_gguf
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step as mlx_generate_step
+from mlx_lm.utils import save_config, save_model
+from tiny_models import COMMON, FAMILY_CONFIGS, random_prompt, tiny_model, tiny_tokenizer
+
+PROMPT = random_prompt(40, vocab=40)  # within the tiny GGUF vocabularies
+WIDE = dict(hidden_size=128, intermediate_size=256)  # every quantization group size divides it
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    return {
+        arch: write_tiny_gguf(folder / f"{arch}.gguf", arch, n_layers=6).path
+        for arch in ("llama", "gemma3")
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny llama folder as an HF checkpoint is laid out, declaring bfloat16 weights."""
+    folder = tmp_path_factory.mktemp("hf")
+    model = tiny_model("llama", **WIDE)
+    save_model(folder, model)
+    config = {**COMMON, **FAMILY_CONFIGS["llama"], **WIDE, "torch_dtype": "bfloat16"}
+    save_config(config, folder / "config.json")
+    tiny_tokenizer()._tokenizer.save_pretrained(folder)
+    return folder
+
+
+def saved_dtypes(folder) -> set:
+    weights = mx.load(str(folder / "model.safetensors"))
+    return {w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)}
+
+
+def tokens_match_mlx_lm(model, lazy, prompt=PROMPT, max_tokens=16) -> bool:
+    expected = [t for t, _ in mlx_generate_step(prompt, model, max_tokens=max_tokens)]
+    got = [t for t, _ in generate_step(prompt, model, lazy=lazy, max_tokens=max_tokens)]
+    return got == expected
+
+
+def leftovers(parent) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gguf_to_float16_folder_that_both_loaders_read(tmp_path, gguf_files, arch):
+    out = convert(gguf_files[arch], tmp_path / "out", schedule="paper")
+    assert out == tmp_path / "out" and leftovers(tmp_path) == []
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "float16" and "quantization" not in config
+    assert config["lazyllm"] == LazyConfig.preset("paper").to_dict()
+    assert saved_dtypes(out) == {mx.float16}  # GGUF default: float16
+
+    ours, our_tokenizer = load(out)
+    theirs, their_tokenizer = mlx_lm.load(str(out))
+    source, source_tokenizer = load_gguf(gguf_files[arch])
+    assert type(ours) is type(theirs) is type(source)
+    expected = dict(tree_flatten(source.parameters()))
+    for name, weight in tree_flatten(ours.parameters()):
+        assert mx.array_equal(weight, expected[name].astype(mx.float16).astype(mx.float32)), name
+    text = "the cat 12 at"
+    expected_ids = source_tokenizer.encode(text)
+    assert our_tokenizer.encode(text) == their_tokenizer.encode(text) == expected_ids
+    assert their_tokenizer.eos_token_ids == source_tokenizer.eos_token_ids
+    assert their_tokenizer.chat_template == source_tokenizer.chat_template
+
+    assert resolve_schedule(ours, None) == LazyConfig.preset("paper")
+    assert tokens_match_mlx_lm(ours, "none")
+
+
+def test_gguf_to_float32_keeps_the_exact_weights(tmp_path, gguf_files):
+    out = convert(gguf_files["llama"], tmp_path / "out", dtype="float32")
+    assert saved_dtypes(out) == {mx.float32}
+    model, _ = load(out)
+    source, _ = load_gguf(gguf_files["llama"], mx.float32)
+    prompt = PROMPT[None]
+    assert mx.array_equal(model(prompt), source(prompt))
+    assert not hasattr(model, "lazyllm_schedule")
+
+
+def test_hf_folder_keeps_the_source_dtype(tmp_path, hf_folder):
+    out = convert(hf_folder, tmp_path / "out")
+    assert saved_dtypes(out) == {mx.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model, tokenizer = mlx_lm.load(str(out))
+    assert tokenizer.encode("t5 t7 t9") == tiny_tokenizer().encode("t5 t7 t9")
+    assert mx.array_equal(
+        model.model.embed_tokens.weight,
+        tiny_model("llama", **WIDE).model.embed_tokens.weight.astype(mx.bfloat16),
+    )
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 128)])
+def test_quantized_conversion_runs_exactly_through_the_lazy_path(
+    tmp_path, hf_folder, bits, group_size
+):
+    out = convert(
+        hf_folder,
+        tmp_path / "q",
+        quantize=True,
+        q_bits=bits,
+        q_group_size=group_size,
+        dtype="float32",
+        schedule="3:0.5,6:0.5",
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for loader in (load, mlx_lm.load):
+        model, _ = loader(str(out))
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == bits
+        assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+        assert q_proj.group_size == group_size
+    model, _ = load(out)
+    prompt = random_prompt(120)
+    assert tokens_match_mlx_lm(model, "none", prompt, 24)
+    assert tokens_match_mlx_lm(model, LazyConfig((3, 6, 9), (0.99999,) * 3), prompt, 24)
+    assert resolve_schedule(model, None) == LazyConfig.parse("3:0.5,6:0.5")
+
+
+def test_mixed_bit_recipe(tmp_path, hf_folder):
+    out = convert(hf_folder, tmp_path / "q", quantize=True, quant_predicate="mixed_3_6")
+    config = json.loads((out / "config.json").read_text())
+    bits = {v["bits"] for k, v in config["quantization"].items() if isinstance(v, dict)}
+    assert bits == {3, 6}
+    model, _ = load(out)
+    assert tokens_match_mlx_lm(model, "none", random_prompt(60), 8)
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path, gguf_files):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert(gguf_files["llama"], target)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    convert(gguf_files["llama"], target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_schedule_that_does_not_fit_is_refused_before_writing(tmp_path, gguf_files):
+    with pytest.raises(ValueError, match="collapse|outside"):
+        convert(gguf_files["llama"], tmp_path / "out", schedule="1:0.5,2:0.5,3:0.5,4:0.5,9:0.5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_schedule_for_an_unprunable_family_is_refused(tmp_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2")
+    config = dict(
+        model_type="gpt2",
+        n_ctx=64,
+        n_embd=32,
+        n_head=2,
+        n_layer=2,
+        n_positions=64,
+        layer_norm_epsilon=1e-5,
+        vocab_size=128,
+    )
+    model_class, args_class = mlx_lm.utils._get_classes(config)
+    save_model(folder, model_class(args_class.from_dict(config)))
+    save_config(config, folder / "config.json")
+    tiny_tokenizer()._tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match="cannot prune model type 'gpt2'"):
+        convert(folder, tmp_path / "out", schedule="paper")
+    assert not (tmp_path / "out").exists()
+    convert(folder, tmp_path / "out")  # without a schedule any mlx-lm model converts
+    assert mlx_lm.load(str(tmp_path / "out"))[0].model_type == "gpt2"
+
+
+def test_a_failed_write_leaves_nothing_and_keeps_the_old_folder(tmp_path, gguf_files, monkeypatch):
+    import mlx_lm.utils
+
+    def failing_save(folder, *args, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mlx_lm.utils, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert(gguf_files["llama"], tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("mine")
+    with pytest.raises(OSError, match="disk full"):
+        convert(gguf_files["llama"], tmp_path / "old", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (tmp_path / "old" / "keep.txt").read_text() == "mine"
+
+
+def test_bad_arguments(tmp_path, gguf_files):
+    with pytest.raises(ValueError, match="need -q"):
+        convert(gguf_files["llama"], tmp_path / "out", q_bits=4)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        convert(gguf_files["llama"], tmp_path / "out", dtype="int8")
+    with pytest.raises(ValueError, match="is the source model"):
+        convert(tmp_path, tmp_path, overwrite=True)
+    with pytest.raises(ValueError, match="Unknown LazyLLM preset|Bad schedule"):
+        convert(gguf_files["llama"], tmp_path / "out", schedule="fast")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bar_only_when_asked(tmp_path, gguf_files, capsys):
+    convert(gguf_files["llama"], tmp_path / "a", progress=False)
+    assert capsys.readouterr().err == ""
+    convert(gguf_files["llama"], tmp_path / "b", progress=True)
+    err = capsys.readouterr().err
+    assert "Loading llama.gguf" in err and "Converting" in err and "7/7" in err
+
+
+def test_cli_convert_then_generate_uses_the_stored_schedule(tmp_path, gguf_files, capsys):
+    out = tmp_path / "cli"
+    argv = [
+        "convert",
+        "--model",
+        str(gguf_files["llama"]),
+        "--mlx-path",
+        str(out),
+        "-q",
+        "--q-bits",
+        "8",
+        "--q-group-size",
+        "32",
+        "--schedule",
+        "2:0.5;min=4",
+    ]
+    assert cli.main(argv) == 0
+    assert f"Saved {out}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8
+    assert LazyConfig.from_dict(config["lazyllm"]) == LazyConfig.parse("2:0.5;min=4")
+
+    assert cli.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main([*argv, "--overwrite", "--dtype", "float32"]) == 0
+    capsys.readouterr()
+
+    generate = [
+        "generate",
+        "--model",
+        str(out),
+        "--prompt",
+        "the cat at the",
+        "--max-tokens",
+        "3",
+        "--ignore-chat-template",
+        "--json",
+    ]
+    assert cli.main(generate) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["runs"]) == ["lazy"]
+    assert report["runs"]["lazy"]["schedule"] == "2:0.5;min=4"
+
+
+def test_python_api_is_exported():
+    assert lazyllm_mlx.convert is convert and "convert" in lazyllm_mlx.__all__
+    assert "convert" in cli.COMMANDS
+
+
+def test_the_default_model_converts_with_its_tokenizer(tmp_path):
+    """SmolLM2 (GGUF Q4_1) to a 4-bit folder: config, weights and the tokenizer survive."""
+    from lazyllm_mlx.default_model import default_model_path
+    from lazyllm_mlx.gguf_reader import read_header
+    from lazyllm_mlx.gguf_tokenizer import build_tokenizer
+
+    from mlx_lm.utils import load_tokenizer
+
+    out = convert(None, tmp_path / "smollm2", quantize=True, schedule="default")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert config["quantization"]["bits"] == 4
+    assert mx.load(str(out / "model.safetensors"))["model.embed_tokens.weight"].dtype == mx.uint32
+
+    source = build_tokenizer(read_header(default_model_path()).metadata)
+    saved = load_tokenizer(out, eos_token_ids=config["eos_token_id"])
+    messages = [{"role": "user", "content": "Where is the lighthouse? 42 ünïcödé\n\tok"}]
+    text = source.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert saved.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    assert saved.encode(text, add_special_tokens=False) == source.encode(
+        text, add_special_tokens=False
+    )
+    assert saved.eos_token_ids == source.eos_token_ids
+    assert saved.bos_token == source.bos_token

