@@ -23,14 +23,16 @@ def main(argv: list[str] | None = None) -> int:
         description="LazyLLM token pruning for mlx-lm models: shorter time to first token.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    modules = {}
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-        modules[name] = module
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the chosen command's module is imported
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
     args = parser.parse_args(argv)
     try:
-        return modules[args.command].run(args) or 0
+        return module.run(args) or 0
     except (ValueError, FileNotFoundError) as error:
         print(f"lazyllm-mlx {args.command}: error: {error}", file=sys.stderr)
         return 2
