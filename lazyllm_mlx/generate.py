@@ -157,21 +157,36 @@ def generate_step(
     progress(0, total)
     y, logprobs = _step(prompt, decoding=False)
     mx.async_eval(y, logprobs)
+    # Decoding with revival waits on the host at every boundary, so computing the next step
+    # before handing out the current token (mlx-lm's one-step-ahead order) would only delay the
+    # token, the first one included. Then tokens are handed out first and fed right after.
+    ahead = not (prune and config.revive and cache.schedule.boundaries)
+    unfed = None
     n = 0
-    while True:
-        if n != max_tokens:
-            next_y, next_logprobs = _step(y, decoding=True)
-            mx.async_eval(next_y, next_logprobs)
-        if n == 0:
-            mx.eval(y)
-            progress(total, total)
-        if n == max_tokens:
-            break
-        yield y.item(), logprobs
-        if n % 256 == 0:
-            mx.clear_cache()
-        y, logprobs = next_y, next_logprobs
-        n += 1
+    try:
+        while True:
+            if ahead and n != max_tokens:
+                next_y, next_logprobs = _step(y, decoding=True)
+                mx.async_eval(next_y, next_logprobs)
+            if n == 0:
+                mx.eval(y)
+                progress(total, total)
+            if n == max_tokens:
+                break
+            unfed = None if ahead else y
+            yield y.item(), logprobs
+            if not ahead:
+                unfed = None
+                next_y, next_logprobs = _step(y, decoding=True)
+                mx.async_eval(next_y, next_logprobs)
+            if n % 256 == 0:
+                mx.clear_cache()
+            y, logprobs = next_y, next_logprobs
+            n += 1
+    except GeneratorExit:
+        if unfed is not None:  # closed right after a token: the cache still takes it, as mlx-lm's
+            mx.eval(_step(unfed, decoding=True))
+        raise
 
 
 def _as_tokens(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> mx.array:

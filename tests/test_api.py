@@ -160,3 +160,25 @@ def test_random_selection_keeps_the_counts(model, tokenizer):
     lazy = list(stream_generate(model, tokenizer, prompt, 3, lazy="paper"))[-1].lazy
     rand = list(stream_generate(model, tokenizer, prompt, 3, lazy="paper;random"))[-1].lazy
     assert rand.prefill_tokens_per_layer == lazy.prefill_tokens_per_layer
+
+
+@pytest.mark.parametrize("lazy, ahead", [("paper", 0), ("paper;norevive", 1), ("none", 1)])
+def test_first_token_is_handed_out_before_a_revival_decode_step(model, monkeypatch, lazy, ahead):
+    """TTFT must not include the first decode step when that step waits on the host."""
+    import importlib
+
+    gen = importlib.import_module("lazyllm_mlx.generate")  # the package's `generate` is a function
+
+    decode_calls = []
+    original = gen.lazy_forward
+
+    def spy(*args, decoding, **kwargs):
+        decode_calls.append(decoding)
+        return original(*args, decoding=decoding, **kwargs)
+
+    monkeypatch.setattr(gen, "lazy_forward", spy)
+    steps = gen.generate_step(random_prompt(100), model, lazy=lazy, max_tokens=3)
+    next(steps)
+    assert sum(decode_calls) == ahead
+    list(steps)
+    assert sum(decode_calls) == 3  # every yielded token is fed, as in mlx-lm
