@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "generate": ("lazyllm_mlx.cmd_generate", "generate text, LazyLLM vs baseline with --compare"),
     "bench": ("lazyllm_mlx.cmd_bench", "TTFT, throughput and memory: baseline vs schedules"),
+    "eval": ("lazyllm_mlx.cmd_eval", "long-context quality: baseline vs schedules vs references"),
     "convert": ("lazyllm_mlx.cmd_convert", "HF folder, hub id or GGUF -> MLX folder (+ schedule)"),
     "cache-prompt": ("lazyllm_mlx.cmd_cache_prompt", "prefill a long document once, save it"),
     "serve": ("lazyllm_mlx.cmd_serve", "OpenAI-compatible HTTP server (LazyLLM prefill)"),

@@ -1,0 +1,216 @@
+"""`lazyllm-mlx eval`: the offline long-context quality suite, baseline vs lazy vs references.
+
+Prints a table per prompt length (accuracy per task, agreement with the baseline, TTFT speed-up,
+prefill fraction), writes the report as JSON and the accuracy / speed-up plot as PNG. `--search P`
+tries a grid of schedules and prints the fastest within P points of the baseline's accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+from typing import Any
+
+from .config import PRESETS
+from .eval_run import best_schedule, evaluate
+from .eval_tasks import TASKS
+from .loading import load
+
+# Calibration grid: the paper's stage layout at several keeps, and an earlier / later first cut.
+SEARCH_GRID = [
+    "0.3:0.9,0.6:0.9,0.9:0.9",
+    "0.3:0.8,0.6:0.8,0.9:0.8",
+    "0.3:0.7,0.6:0.7,0.9:0.7",
+    "0.3:0.6,0.6:0.6,0.9:0.6",
+    "0.3:0.5,0.6:0.5,0.9:0.5",
+    "0.2:0.8,0.5:0.7,0.8:0.6",
+    "0.4:0.7,0.7:0.5",
+]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def split_schedules(items: list[str]) -> list[str]:
+    """Each argument is a comma list of presets (`paper,default;norevive`) or one schedule
+    string, whose own commas separate boundaries (`0.5:0.8,0.75:0.7`)."""
+    schedules: list[str] = []
+    for item in items:
+        parts = [p.strip() for p in item.split(",") if p.strip()]
+        presets = [p.split(";")[0].strip() in PRESETS for p in parts]
+        if all(presets):
+            schedules += parts
+        elif any(presets):
+            raise ValueError(
+                f"{item!r} mixes presets and boundary:keep pairs; give each schedule as its own "
+                "argument, e.g. --schedules paper,default '0.5:0.8,0.75:0.7'."
+            )
+        else:
+            schedules.append(item.strip())
+    return list(dict.fromkeys(schedules))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=None,
+        help="LazyLLM schedules to compare: presets as a comma list and/or schedule strings as "
+        "separate arguments, e.g. paper,default '0.5:0.8,0.75:0.7' 'paper;norevive' "
+        "(default: default; with --search: a built-in grid)",
+    )
+    parser.add_argument("--lengths", type=_int_list, default=[1024], help="Prompt lengths")
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"Comma list of {', '.join(TASKS)}"
+    )
+    parser.add_argument("--num", type=int, default=5, help="Prompts per task and length")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="Tokens to generate per prompt (default per task: enough for the answer)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the task builders")
+    parser.add_argument(
+        "--chat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Render prompts with the chat template (auto: when the tokenizer has one)",
+    )
+    parser.add_argument(
+        "--no-references", action="store_true", help="Skip random-drop and static references"
+    )
+    parser.add_argument(
+        "--no-none", action="store_true", help="Skip the engine-without-pruning column"
+    )
+    parser.add_argument(
+        "--search",
+        type=float,
+        metavar="POINTS",
+        default=None,
+        help="Calibrate: run the schedules (default: a grid) without references and print the "
+        "fastest whose mean accuracy is within POINTS of the baseline's",
+    )
+    parser.add_argument("--json", metavar="PATH", help="Write the report as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="Draw accuracy vs TTFT speed-up (PNG)")
+    parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    tasks = report["tasks"]
+    print(f"model: {report['model']}, {report['num']} prompts per task, seed {report['seed']}")
+    print(
+        "accuracy in points (passkey/kv: number match, mdqa: module named, code: edit similarity);"
+        " KL(baseline ‖ method) of the first token in nats; cont.: greedy continuation matching"
+        " the baseline's; TTFT ×: median over prompts of baseline TTFT / method TTFT"
+    )
+    head = f"{'method':<28}{'prefill':>8}" + "".join(f"{t:>8}" for t in tasks)
+    head += f"{'mean':>7}{'1st tok':>8}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}{'× none':>8}"
+    for length in report["lengths"]:
+        print(f"\n{length}-token prompts")
+        print(head)
+        for r in (r for r in report["results"] if r["length"] == length):
+            line = f"{r['method'][:27]:<28}{r['prefill_fraction']:>8.3f}"
+            line += "".join(f"{r['scores'][t]:>8.1f}" for t in tasks)
+            line += f"{r['accuracy']:>7.1f}{r['first_token']:>8.0%}{r['kl']:>8.3f}"
+            line += f"{r['continuation']:>7.0%}{r['ttft_speedup']:>8.2f}"
+            line += f"{_cell(r['ttft_speedup_vs_none'], '{:.2f}'):>8}"
+            print(line)
+        for r in report["results"]:
+            if r["length"] == length and r["family"] == "static":
+                print(f"  {r['method']} = {r['schedule']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}; tasks: {', '.join(TASKS)}.")
+    if args.num <= 0:
+        raise ValueError("--num must be positive.")
+    searching = args.search is not None
+    if args.schedules is None:
+        schedules = SEARCH_GRID if searching else ["default"]
+    else:
+        schedules = split_schedules(args.schedules)
+    if args.plot:
+        from .eval_plot import require_matplotlib
+
+        require_matplotlib()  # before the long run, not after it
+    model, tokenizer = load(args.model)
+    chat = None if args.chat == "auto" else args.chat == "on"
+    report = evaluate(
+        model,
+        tokenizer,
+        schedules=schedules,
+        lengths=args.lengths,
+        tasks=tasks,
+        num=args.num,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        chat=chat,
+        references=not (args.no_references or searching),
+        include_none=not (args.no_none or searching),
+        log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    report = dict(
+        model=args.model or "default (SmolLM2-135M-Instruct)",
+        command=command_line(args),
+        python=platform.python_version(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        **report,
+    )
+    print_table(report)
+    if searching:
+        best = best_schedule(report, args.search)
+        report["search"] = dict(points=args.search, best=best)
+        if best is None:
+            print(f"\nNo schedule kept the accuracy within {args.search} points of the baseline.")
+        else:
+            print(
+                f"\nFastest within {args.search} points of the baseline "
+                f"({best['baseline']:.1f}): ×{best['speedup']:.2f} at {best['accuracy']:.1f} "
+                f"points\n--schedule '{best['schedule']}'"
+            )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        from .eval_plot import plot_report
+
+        plot_report(report, args.plot)
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as a shell line, rebuilt from the parsed arguments (for the report)."""
+    words = ["lazyllm-mlx", "eval"]
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False:
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if key == "lengths":
+            words.append(",".join(map(str, value)))
+        elif isinstance(value, list):
+            words += value
+        elif value is not True:
+            words.append(str(value))
+    return shlex.join(words)

@@ -1,0 +1,251 @@
+"""Run the eval suite: every method on every prompt, scores, agreement with the baseline, TTFT.
+
+Methods at one prompt length: the baseline (plain mlx-lm), "none" (our engine, nothing pruned: the
+engine's own gain or loss), each lazy schedule, and per lazy schedule two references at the same
+token budget: random drop (same schedule, tokens drawn at random) and one-shot static pruning (one
+boundary, no revival, keep solved so that the prefill computes the same token-layers).
+
+Runs go prompt by prompt, all methods back to back, so a change of machine load between prompts
+hits every method alike; the TTFT speed-up is the median over prompts of the per-prompt ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .config import LazyConfig, kept_count
+from .eval_score import kl_divergence, prefix_fraction, score_answer
+from .eval_tasks import Task, build_tasks
+from .families import family_of
+from .generate import stream_generate
+
+FAMILIES = ("baseline", "none", "lazy", "random", "static")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of running a prompt; `matched_to` names the lazy schedule a reference copies."""
+
+    label: str
+    family: str
+    lazy: LazyConfig | None
+    matched_to: str | None = None
+
+    @property
+    def schedule(self) -> str:
+        return "off" if self.lazy is None else self.lazy.to_string()
+
+
+@dataclass
+class Outcome:
+    """What one generation gave: greedy tokens and text, TTFT, first-token log-probabilities."""
+
+    tokens: list[int]
+    text: str
+    ttft: float
+    logprobs: np.ndarray
+    prefill_fraction: float
+
+
+def static_config(
+    config: LazyConfig, num_layers: int, num_tokens: int, boundary: int | None = None
+) -> LazyConfig:
+    """One-shot static pruning with the prefill cost of `config` on a `num_tokens` prompt.
+
+    One boundary (default: `config`'s first), no revival; keep is solved so that the prefill
+    computes the same token-layers as `config`, to the nearest token kept.
+    """
+    schedule = config.resolve(num_layers)
+    if not schedule.boundaries:
+        raise ValueError(f"Schedule {config.to_string()!r} prunes nothing: no static reference.")
+    b = schedule.boundaries[0] if boundary is None else boundary
+    target = schedule.prefill_fraction(num_tokens) * num_layers * num_tokens
+    kept = round((target - b * num_tokens) / (num_layers - b))
+    kept = min(num_tokens, max(1, kept))
+    keep = kept / num_tokens
+    if kept_count(num_tokens, keep) != kept:  # float rounding: nudge onto the wanted count
+        keep = (kept - 0.5) / num_tokens
+    return LazyConfig(
+        boundaries=(b,), keep=(keep,), revive=False, min_prompt_tokens=config.min_prompt_tokens
+    )
+
+
+def build_methods(
+    schedules: list[str],
+    num_layers: int,
+    num_tokens: int,
+    references: bool = True,
+    include_none: bool = True,
+) -> list[Method]:
+    """Baseline first, then "none", the schedules and their references; duplicates dropped."""
+    methods = [Method("baseline", "baseline", None)]
+    if include_none:
+        methods.append(Method("none", "none", LazyConfig.preset("none")))
+    lazy = [(text, LazyConfig.parse(text)) for text in schedules]
+    methods += [Method(text, "lazy", config) for text, config in lazy]
+    if references:
+        for text, config in lazy:
+            if not config.resolve(num_layers).boundaries or config.selection == "random":
+                continue
+            randomized = config.with_options(selection="random", name=None)
+            methods.append(Method(f"random[{text}]", "random", randomized, text))
+            static = static_config(config, num_layers, num_tokens)
+            methods.append(Method(f"static[{text}]", "static", static, text))
+    unique: list[Method] = []
+    for method in methods:  # the same config twice runs once, under its first label
+        if all(method.lazy != other.lazy for other in unique):
+            unique.append(method)
+    return unique
+
+
+def run_once(model: Any, tokenizer: Any, task: Task, method: Method) -> Outcome:
+    tokens, texts, first = [], [], None
+    response = None
+    for response in stream_generate(
+        model, tokenizer, task.tokens, max_tokens=task.max_tokens, lazy=method.lazy
+    ):
+        if first is None:
+            first = np.array(response.logprobs.astype(mx.float32))
+        tokens.append(response.token)
+        texts.append(response.text)
+    stats = response.lazy
+    fraction = stats.prefill_fraction if stats is not None else 1.0
+    return Outcome(tokens, "".join(texts), response.ttft, first, fraction)
+
+
+def _record(task: Task, outcome: Outcome, base: Outcome) -> dict[str, Any]:
+    return dict(
+        task=task.task,
+        index=task.index,
+        score=score_answer(task.scorer, outcome.text, task.answer),
+        output=outcome.text,
+        ttft=outcome.ttft,
+        prefill_fraction=outcome.prefill_fraction,
+        first_token=float(outcome.tokens[:1] == base.tokens[:1]),
+        kl=kl_divergence(base.logprobs, outcome.logprobs),
+        continuation=prefix_fraction(base.tokens, outcome.tokens),
+    )
+
+
+def summarize(method: Method, records: list[dict], base: list[dict], none: list[dict] | None):
+    """One method's row at one length: accuracy per task (points), agreement, speed-ups."""
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    scores = {
+        t: 100 * statistics.fmean(r["score"] for r in records if r["task"] == t) for t in tasks
+    }
+
+    def speedup(reference: list[dict]) -> float:
+        return statistics.median(b["ttft"] / r["ttft"] for b, r in zip(reference, records))
+
+    return dict(
+        method=method.label,
+        family=method.family,
+        schedule=method.schedule,
+        matched_to=method.matched_to,
+        scores=scores,
+        accuracy=statistics.fmean(scores.values()),
+        first_token=statistics.fmean(r["first_token"] for r in records),
+        kl=statistics.fmean(r["kl"] for r in records),
+        continuation=statistics.fmean(r["continuation"] for r in records),
+        prefill_fraction=statistics.fmean(r["prefill_fraction"] for r in records),
+        ttft_median=statistics.median(r["ttft"] for r in records),
+        ttft_speedup=speedup(base),
+        ttft_speedup_vs_none=speedup(none) if none is not None else None,
+        instances=records,
+    )
+
+
+def warm_up(model: Any, tokenizer: Any, task: Task, methods: list[Method]) -> None:
+    """One-time costs (allocation, kernels) off the clock: a short run of every method."""
+    n = min(len(task.tokens), 320)
+    short = replace(task, index=-1, tokens=task.tokens[-n:], max_tokens=2)
+    for method in methods:
+        run_once(model, tokenizer, short, method)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    schedules: list[str],
+    lengths: list[int],
+    tasks: list[str],
+    num: int,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    chat: bool | None = None,
+    references: bool = True,
+    include_none: bool = True,
+    log: Callable[[str], None] | None = _log,
+) -> dict[str, Any]:
+    """Run every method on `num` prompts per task and length; returns the report (JSON-ready)."""
+    num_layers = family_of(model).num_layers
+    chat = tokenizer.has_chat_template if chat is None else chat
+    log = log or (lambda _: None)
+    results, warmed = [], False
+    for length in lengths:
+        prompts = build_tasks(tokenizer, tasks, length, num, seed, chat)
+        if max_tokens is not None:
+            prompts = [replace(t, max_tokens=max_tokens) for t in prompts]
+        methods = build_methods(schedules, num_layers, length, references, include_none)
+        if not warmed:
+            warm_up(model, tokenizer, prompts[0], methods)
+            warmed = True
+        records: dict[str, list[dict]] = {m.label: [] for m in methods}
+        for i, task in enumerate(prompts):
+            base = None
+            for method in methods:
+                outcome = run_once(model, tokenizer, task, method)
+                base = base or outcome  # the baseline runs first
+                record = _record(task, outcome, base)
+                record.update(task.meta)
+                records[method.label].append(record)
+                log(
+                    f"[{length} {i + 1}/{len(prompts)}] {task.task}#{task.index} "
+                    f"{method.label}: score {record['score']:.2f}, TTFT {outcome.ttft:.2f} s, "
+                    f"{outcome.text.strip()[:40]!r}"
+                )
+        none = records.get("none")
+        for method in methods:
+            row = summarize(method, records[method.label], records["baseline"], none)
+            results.append(dict(length=length, **row))
+    return dict(
+        num_layers=num_layers,
+        chat_template=chat,
+        lengths=lengths,
+        tasks=tasks,
+        num=num,
+        seed=seed,
+        results=results,
+    )
+
+
+def best_schedule(report: dict[str, Any], points: float) -> dict[str, Any] | None:
+    """The fastest lazy schedule whose accuracy (mean over lengths) is within `points` of the
+    baseline's; speed is the mean over lengths of the median TTFT speed-up. None if none is."""
+    by_method: dict[str, list[dict]] = {}
+    for row in report["results"]:
+        by_method.setdefault(row["method"], []).append(row)
+    baseline = statistics.fmean(r["accuracy"] for r in by_method["baseline"])
+    fits = []
+    for label, rows in by_method.items():
+        if rows[0]["family"] != "lazy":
+            continue
+        accuracy = statistics.fmean(r["accuracy"] for r in rows)
+        speedup = statistics.fmean(r["ttft_speedup"] for r in rows)
+        if accuracy >= baseline - points:
+            schedule = rows[0]["schedule"]
+            fits.append(dict(schedule=schedule, label=label, speedup=speedup, accuracy=accuracy))
+    best = max(fits, key=lambda f: f["speedup"], default=None)
+    return None if best is None else dict(best, baseline=baseline)

@@ -1,0 +1,87 @@
+"""Scores of the eval suite: answers against the truth, a method's output against the baseline's.
+
+Pure functions over strings, token lists and numpy arrays; every score is in [0, 1] except KL.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import numpy as np
+
+_NUMBER = re.compile(r"\d+")
+_FENCE = re.compile(r"^\s*```")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, outer whitespace, quotes, backticks and final punctuation removed."""
+    return text.strip().strip("\"'`").rstrip(".!?,;:").strip().strip("\"'`").lower()
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return float(normalize(prediction) == normalize(answer))
+
+
+def number_match(output: str, answer: str) -> float:
+    """1 if the first number in `output` is exactly `answer` (digits as written), else 0."""
+    found = _NUMBER.search(output)
+    return float(found is not None and found.group() == answer.strip())
+
+
+def contains_word(output: str, answer: str) -> float:
+    """1 if `answer` occurs in `output` as a whole word (identifier characters around it differ)."""
+    pattern = r"(?<![A-Za-z0-9_])" + re.escape(answer.strip()) + r"(?![A-Za-z0-9_])"
+    return float(re.search(pattern, output) is not None)
+
+
+def first_code_line(output: str) -> str:
+    """The first non-blank line of generated code that is not a Markdown fence, stripped."""
+    for line in output.splitlines():
+        if line.strip() and not _FENCE.match(line):
+            return line.strip()
+    return ""
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """difflib's similarity ratio: 2·matches / (len(a) + len(b)); 1.0 for two empty strings."""
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def score_answer(scorer: str, output: str, answer: str) -> float:
+    """Score a generated `output` against the task's answer with the task's scorer."""
+    if scorer == "number":
+        return number_match(output, answer)
+    if scorer == "contains":
+        return contains_word(output, answer)
+    if scorer == "exact":
+        return exact_match(output, answer)
+    if scorer == "edit":
+        return edit_similarity(first_code_line(output), answer.strip())
+    raise ValueError(f"Unknown scorer {scorer!r}.")
+
+
+def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> float:
+    """KL(p ‖ q) in nats from two log-probability vectors over the same vocabulary."""
+    logp = np.asarray(logp, dtype=np.float64)
+    logq = np.asarray(logq, dtype=np.float64)
+    p = np.exp(logp)
+    support = p > 0
+    if np.any(np.isneginf(logq[support])):
+        return float("inf")
+    return float(max(0.0, np.sum(p[support] * (logp[support] - logq[support]))))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_fraction(a: list[int], b: list[int]) -> float:
+    """Common prefix of two greedy continuations over the longer one's length (1 if both empty)."""
+    longest = max(len(a), len(b))
+    return common_prefix(a, b) / longest if longest else 1.0
