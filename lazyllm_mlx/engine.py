@@ -156,18 +156,20 @@ def _run_stage(
     in_order: bool,
     on_chunk: Callable[[int], None] | None,
     selection: str = "attention",
+    final: bool = False,
 ) -> tuple[mx.array, mx.array | None, mx.array, int]:
     """Compute `flight` through the stage's layers.
 
     Returns the hidden states, the last token's scores at the last layer (if `score`), the
-    positions those scores rank and how many candidates they cover.
+    positions those scores rank and how many candidates they cover. In the `final` stage only the
+    last token's output is needed: the others only leave KV behind, so the last token runs as a
+    chunk of its own and the other chunks' outputs are never computed (as in mlx-lm's prefill).
     """
     start = store.append(flight.positions, flight.count, in_order)
     keys_at = store.index_of[attend.selected] if attend.gather else None
     masked = attend.selected is not None and not attend.gather
     outputs, scores = [], None
-    for c0 in range(0, flight.count, step_size):
-        c1 = min(flight.count, c0 + step_size)
+    for c0, c1 in _chunks(flight.count, step_size, split_last=final):
         x = flight.hidden[:, c0:c1]
         query_pos = flight.positions[c0:c1]
         last_chunk = c1 == flight.count
@@ -197,15 +199,24 @@ def _run_stage(
                     family, layer_index, rope.recorder, view, selection, keys_allowed
                 )
                 rope.recorder = None
-        outputs.append(x)
+        needed = not final or last_chunk
+        if needed:
+            outputs.append(x)
         if on_chunk is not None:  # prefill: evaluate chunk by chunk to bound the graph and memory
-            mx.eval(x, *[b for b in store.keys + store.values if b is not None])
+            buffers = [b for b in store.keys + store.values if b is not None]
+            mx.eval(*buffers, *([x] if needed else []))
             on_chunk((c1 - c0) * len(store.layers))
     hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
     if attend.gather:
         return hidden, scores, attend.selected, attend.count
     n_candidates = attend.count if masked else store.size
     return hidden, scores, store.positions[: store.size], n_candidates
+
+
+def _chunks(count: int, step: int, split_last: bool) -> list[tuple[int, int]]:
+    end = count - 1 if split_last and count > 1 else count
+    bounds = [(c0, min(end, c0 + step)) for c0 in range(0, end, step)]
+    return bounds + ([(end, count)] if end < count else [])
 
 
 def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) -> _InFlight:
@@ -320,6 +331,7 @@ def lazy_forward(
             in_order=in_order,
             on_chunk=on_chunk if not decoding else None,
             selection=cache.config.selection,
+            final=k == last_stage,
         )
         flight.hidden = flight_hidden
         layers = len(store.layers)
