@@ -10,13 +10,20 @@ from pathlib import Path
 import mlx.core as mx
 
 from .bench import format_table, run_bench
+from .config import split_schedules
 from .loading import load
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
     parser.add_argument("--lengths", default="1024,2048,4096", help="Prompt lengths in tokens")
-    parser.add_argument("--schedules", default="paper,default", help="Comma-separated schedules")
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["paper,default"],
+        help="Presets as a comma list and/or schedule strings as separate arguments, e.g. "
+        "paper,default '0.5:0.6,0.75:0.6'",
+    )
     parser.add_argument(
         "--skip-norevive",
         action="store_true",
@@ -32,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    schedules = split_schedules(args.schedules)
     if not args.skip_norevive:
         schedules += [f"{s};norevive" for s in schedules if "norevive" not in s]
     model, tokenizer = load(args.model)

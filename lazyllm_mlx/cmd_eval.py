@@ -15,7 +15,7 @@ import shlex
 import sys
 from typing import Any
 
-from .config import PRESETS
+from .config import split_schedules
 from .eval_run import best_schedule, evaluate
 from .eval_tasks import TASKS
 from .loading import load
@@ -42,25 +42,6 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def split_schedules(items: list[str]) -> list[str]:
-    """Each argument is a comma list of presets (`paper,default;norevive`) or one schedule
-    string, whose own commas separate boundaries (`0.5:0.8,0.75:0.7`)."""
-    schedules: list[str] = []
-    for item in items:
-        parts = [p.strip() for p in item.split(",") if p.strip()]
-        presets = [p.split(";")[0].strip() in PRESETS for p in parts]
-        if all(presets):
-            schedules += parts
-        elif any(presets):
-            raise ValueError(
-                f"{item!r} mixes presets and boundary:keep pairs; give each schedule as its own "
-                "argument, e.g. --schedules paper,default '0.5:0.8,0.75:0.7'."
-            )
-        else:
-            schedules.append(item.strip())
-    return list(dict.fromkeys(schedules))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import math
 
 from lazyllm_mlx import LazyConfig, cmd_eval
 from lazyllm_mlx.cli import main
-from lazyllm_mlx.cmd_eval import split_schedules
+from lazyllm_mlx.config import split_schedules
 from lazyllm_mlx.eval_run import best_schedule, build_methods, static_config
 from lazyllm_mlx.eval_score import (
     common_prefix,
