@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .bench import format_table, run_bench
-from .config import split_schedules
+from .config import LazyConfig, split_schedules
 from .loading import load
 
 
@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     schedules = split_schedules(args.schedules)
     if not args.skip_norevive:
-        schedules += [f"{s};norevive" for s in schedules if "norevive" not in s]
+        # "none" has nothing to revive
+        revivable = [s for s in schedules if "norevive" not in s and LazyConfig.parse(s).boundaries]
+        schedules += [f"{s};norevive" for s in revivable]
     model, tokenizer = load(args.model)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     rows = run_bench(
