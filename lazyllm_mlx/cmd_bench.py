@@ -46,25 +46,27 @@ def run(args: argparse.Namespace) -> int:
         schedules += [f"{s};norevive" for s in revivable]
     model, tokenizer = load(args.model)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    rows = run_bench(
-        model,
-        tokenizer,
-        lengths,
-        schedules,
-        runs=args.runs,
-        max_tokens=args.max_tokens,
-        prefill_step_size=args.prefill_step_size,
-        log=log,
-    )
     name = args.model or "SmolLM2-135M-Instruct (default)"
+    context = dict(model=name, device=str(mx.default_device()), runs=args.runs,
+                   max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size,
+                   command=" ".join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
+    rows = []
+    for length in lengths:  # the JSON is rewritten after each length: long runs keep what they did
+        rows += run_bench(
+            model,
+            tokenizer,
+            [length],
+            schedules,
+            runs=args.runs,
+            max_tokens=args.max_tokens,
+            prefill_step_size=args.prefill_step_size,
+            log=log,
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(context, rows=rows), indent=2))
     print(f"model: {name}; device: {mx.default_device()}; median of {args.runs} runs after a "
           f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
     print(format_table(rows))
-    if args.json:
-        context = dict(model=name, device=str(mx.default_device()), runs=args.runs,
-                       max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size,
-                       command=" ".join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
-        Path(args.json).write_text(json.dumps(dict(context, rows=rows), indent=2))
     if args.plot_dir:
         from .plots import plot_speedup, plot_tokens_per_layer
 

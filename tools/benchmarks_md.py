@@ -1,0 +1,98 @@
+"""Markdown tables for BENCHMARKS.md from the JSON that `lazyllm-mlx bench` and `eval` write.
+
+    python tools/benchmarks_md.py bench benchmarks/bench_smollm2.json
+    python tools/benchmarks_md.py eval benchmarks/eval_smollm2.json
+
+Prints the table and the command that produced the JSON, to paste under a heading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def bench_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"`{report['command']}` — {report['model']}, {report['device']}, median of "
+        f"{report['runs']} runs after a warm-up, {report['max_tokens']} generated tokens per run.",
+        "",
+        "| tokens | method | TTFT s | × baseline | ideal × | measured ÷ ideal | prefill fraction "
+        "| decode tok/s | decode × baseline | peak GB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        cells = [
+            str(r["length"]),
+            f"`{r['method']}`",
+            _fmt(r["ttft"], ".2f"),
+            _fmt(r.get("speedup"), ".2f"),
+            _fmt(r.get("ideal_speedup"), ".2f"),
+            _fmt(r.get("measured_over_ideal"), ".2f"),
+            _fmt(r.get("prefill_fraction"), ".3f"),
+            _fmt(r["generation_tps"], ".1f"),
+            _fmt(r.get("decode_vs_baseline"), ".2f"),
+            _fmt(r["peak_memory_gb"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def eval_table(report: dict[str, Any]) -> str:
+    tasks = report["tasks"]
+    lines = [
+        f"`{report['command']}` — {report['num']} prompts per task and length, seed "
+        f"{report['seed']}, Python {report['python']}.",
+    ]
+    for length in report["lengths"]:
+        lines += [
+            "",
+            f"**{length}-token prompts**",
+            "",
+            "| method | prefill | " + " | ".join(tasks) + " | mean | 1st token | KL | "
+            "continuation | TTFT × |",
+            "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|",
+        ]
+        for r in report["results"]:
+            if r["length"] != length:
+                continue
+            scores = [_fmt(r["scores"].get(t), ".1f") for t in tasks]
+            cells = [
+                f"`{r['method']}`",
+                _fmt(r["prefill_fraction"], ".3f"),
+                *scores,
+                _fmt(r["accuracy"], ".1f"),
+                _fmt(100 * r["first_token"], ".0f") + " %",
+                _fmt(r["kl"], ".3f"),
+                _fmt(100 * r["continuation"], ".0f") + " %",
+                _fmt(r["ttft_speedup"], ".2f"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if report.get("search", {}).get("best"):
+        best = report["search"]["best"]
+        lines += [
+            "",
+            f"Fastest within {report['search']['points']:g} point(s) of the baseline: "
+            f"`{best['schedule']}` (×{best['speedup']:.2f}, {best['accuracy']:.1f} points vs "
+            f"{best['baseline']:.1f}).",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["bench", "eval"])
+    parser.add_argument("json_file")
+    args = parser.parse_args()
+    with open(args.json_file) as f:
+        report = json.load(f)
+    print(bench_table(report) if args.kind == "bench" else eval_table(report))
+
+
+if __name__ == "__main__":
+    main()
