@@ -33,6 +33,15 @@ def _grow_rows(buf: mx.array, rows: int, axis: int, fill: int | float = 0) -> mx
     return mx.concatenate([buf, mx.full(shape, fill, dtype=buf.dtype)], axis=axis)
 
 
+def _rows_before(positions: mx.array, size: int, position: int):
+    """(kept positions, their rows) of the entries before `position`; rows None if all are kept."""
+    held = np.array(positions[:size])
+    kept = np.nonzero(held < position)[0]
+    if kept.size == size:
+        return held, None
+    return held[kept], mx.array(kept.astype(np.int32))
+
+
 class StageStore:
     """KV for the layers of one stage, the tokens' positions and a position → entry map."""
 
@@ -72,20 +81,18 @@ class StageStore:
 
     def keep_before(self, position: int) -> None:
         """Forget the tokens at `position` and after (host work: not for the hot path)."""
-        held = np.array(self.positions[: self.size])
-        kept = np.nonzero(held < position)[0]
-        if kept.size == self.size:
+        held, rows = _rows_before(self.positions, self.size, position)
+        if rows is None:
             return
-        rows = mx.array(kept.astype(np.int32))
         for buffers in (self.keys, self.values):
             for j, buf in enumerate(buffers):
                 if buf is not None:
                     buffers[j] = mx.take(buf[..., : self.size, :], rows, axis=2)
         self.positions = self.positions[rows]
-        self.size = int(kept.size)
+        self.size = rows.size
         self.index_of = mx.full(self.index_of.shape, -1, dtype=mx.int32)
         self.index_of[self.positions] = mx.arange(self.size, dtype=mx.int32)
-        self.sorted = bool(np.all(np.diff(held[kept]) > 0))
+        self.sorted = bool(np.all(np.diff(held) > 0))
 
     def nbytes(self) -> int:
         arrays = [a for a in self.keys + self.values if a is not None]
@@ -120,14 +127,12 @@ class AuxStore:
         self.row_of = _grow_rows(self.row_of, capacity, 0, fill=-1)
 
     def keep_before(self, position: int) -> None:
-        held = np.array(self.positions[: self.size])
-        kept = np.nonzero(held < position)[0]
-        if kept.size == self.size:
+        _, rows = _rows_before(self.positions, self.size, position)
+        if rows is None:
             return
-        rows = mx.array(kept.astype(np.int32))
         self.hidden = self.hidden[rows]
         self.positions = self.positions[rows]
-        self.size = int(kept.size)
+        self.size = rows.size
         self.row_of = mx.full(self.row_of.shape, -1, dtype=mx.int32)
         self.row_of[self.positions] = mx.arange(self.size, dtype=mx.int32)
 

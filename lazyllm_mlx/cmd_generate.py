@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import common_prefix_len
 
 from .config import LazyConfig, as_config
 from .generate import stream_generate
@@ -161,11 +162,7 @@ def run_once(
 
 
 def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
-    prefix = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        prefix += 1
+    prefix = common_prefix_len(a, b)
     longest = max(len(a), len(b), 1)
     return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix / longest)
 

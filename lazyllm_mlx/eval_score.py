@@ -9,6 +9,7 @@ import difflib
 import re
 
 import numpy as np
+from mlx_lm.utils import common_prefix_len
 
 _NUMBER = re.compile(r"\d+")
 _FENCE = re.compile(r"^\s*```")
@@ -72,16 +73,7 @@ def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> float:
     return float(max(0.0, np.sum(p[support] * (logp[support] - logq[support]))))
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def prefix_fraction(a: list[int], b: list[int]) -> float:
     """Common prefix of two greedy continuations over the longer one's length (1 if both empty)."""
     longest = max(len(a), len(b))
-    return common_prefix(a, b) / longest if longest else 1.0
+    return common_prefix_len(a, b) / longest if longest else 1.0

@@ -17,18 +17,9 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import common_prefix_len
 
 from .cache import LazyCache
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def cache_offset(cache: Any) -> int:
@@ -73,7 +64,7 @@ class PromptCaches:
         """
         slot = self._slots.pop(key, None)
         if slot is not None:
-            reused = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            reused = min(common_prefix_len(slot.tokens, prompt), len(prompt) - 1)
             if reused > 0 and trim_cache(slot.cache, cache_offset(slot.cache) - reused):
                 return slot.cache, reused
         return make(), 0

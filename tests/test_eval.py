@@ -8,7 +8,6 @@ from lazyllm_mlx.cli import main
 from lazyllm_mlx.config import split_schedules
 from lazyllm_mlx.eval_run import best_schedule, build_methods, static_config
 from lazyllm_mlx.eval_score import (
-    common_prefix,
     contains_word,
     edit_similarity,
     exact_match,
@@ -127,7 +126,6 @@ def test_agreement_scorers():
     assert kl_divergence(p, p) == 0.0
     assert kl_divergence(p, q) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(5))
     assert kl_divergence(q, np.array([0.0, -math.inf, -math.inf])) == math.inf
-    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert prefix_fraction([1, 2, 3], [1, 2, 4]) == pytest.approx(2 / 3)
     assert prefix_fraction([1, 2], [1, 2, 3]) == pytest.approx(2 / 3)
     assert prefix_fraction([], []) == 1.0 and prefix_fraction([5], [6]) == 0.0
