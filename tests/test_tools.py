@@ -1,0 +1,74 @@
+"""The scripts in tools/: decode profile and BENCHMARKS.md tables, on tiny inputs."""
+
+import importlib.util
+from pathlib import Path
+
+from lazyllm_mlx import LazyConfig
+from lazyllm_mlx.config import as_config
+
+import pytest
+from tiny_models import random_prompt, tiny_model
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timed_steps_counts_deferred_work_only_with_revival():
+    profile = tool("profile_decode")
+    model = tiny_model("llama")
+    layers = len(model.layers)
+    prompt = random_prompt(64)
+    schedule = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0)
+    norevive = as_config(schedule.to_string() + ";norevive")
+
+    _, times, computed = profile.timed_steps(model, prompt, None, 6)
+    assert len(times) == 5 and computed == [0] * 5  # the baseline keeps no lazy counters
+    _, times, computed = profile.timed_steps(model, prompt, norevive, 6)
+    assert len(times) == 5 and computed == [layers] * 5  # the new token, every layer, nothing else
+    _, times, computed = profile.timed_steps(model, prompt, schedule, 6)
+    assert len(times) == 5 and all(c >= layers for c in computed)
+    assert sum(computed) > 5 * layers  # decoding revived pruned tokens
+
+
+def test_least_squares_slope():
+    profile = tool("profile_decode")
+    assert profile.least_squares_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
+    assert profile.least_squares_slope([2, 2], [1, 5]) == 0.0
+
+
+def test_benchmarks_md_tables():
+    tables = tool("benchmarks_md")
+    bench = {
+        "command": "lazyllm-mlx bench", "model": "m", "device": "cpu", "runs": 3,
+        "max_tokens": 16,
+        "rows": [
+            {"length": 1024, "method": "baseline", "ttft": 7.4, "generation_tps": 11.8,
+             "peak_memory_gb": 0.667},
+            {"length": 1024, "method": "paper", "ttft": 4.46, "generation_tps": 6.1,
+             "peak_memory_gb": 0.641, "speedup": 1.656, "ideal_speedup": 1.446,
+             "measured_over_ideal": 1.145, "prefill_fraction": 0.692, "decode_vs_baseline": 0.516},
+        ],
+    }  # fmt: skip
+    lines = tables.bench_table(bench).splitlines()
+    assert lines[-2].startswith("| 1024 | `baseline` | 7.40 |  |")
+    assert lines[-1] == (
+        "| 1024 | `paper` | 4.46 | 1.66 | 1.45 | 1.15 | 0.692 | 6.1 | 0.52 | 0.641 |"
+    )
+    report = {
+        "command": "lazyllm-mlx eval", "num": 3, "seed": 0, "python": "3.11", "tasks": ["passkey"],
+        "lengths": [1024],
+        "results": [
+            {"length": 1024, "method": "baseline", "prefill_fraction": 1.0,
+             "scores": {"passkey": 100.0}, "accuracy": 100.0, "first_token": 1.0, "kl": 0.0,
+             "continuation": 1.0, "ttft_speedup": 1.0},
+        ],
+    }  # fmt: skip
+    assert tables.eval_table(report).splitlines()[-1] == (
+        "| `baseline` | 1.000 | 100.0 | 100.0 | 100 % | 0.000 | 100 % | 1.00 |"
+    )

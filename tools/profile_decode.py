@@ -1,0 +1,126 @@
+"""Where decoding time goes with revival: step times against the token-layers each step computes.
+
+    python tools/profile_decode.py --tokens 2048 --schedule default --max-tokens 64
+
+Runs plain mlx-lm, the schedule with revival and the schedule with `;norevive` on the same
+real-text prompt, timing every decode step (warm-up run first). Revival makes a step compute the
+pruned tokens the new token selects, at the layers where they lack KV: "deferred" token-layers.
+The report fits  step time = norevive step time + cost × deferred token-layers  and compares that
+cost with the prefill's cost per token-layer, then shows the decode speed over the first n tokens
+(revival front-loads the deferred work, so the ratio to the baseline grows with n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
+from lazyllm_mlx import LazyConfig, LazyStats, generate_step, load
+from lazyllm_mlx.bench import real_text_tokens
+
+import mlx.core as mx
+
+
+def timed_steps(model, prompt, lazy, max_tokens: int) -> tuple[float, list[float], list[int]]:
+    """TTFT, then the seconds and computed token-layers of every decode step."""
+    stats = LazyStats(len(model.layers)) if lazy is not None else None
+    extra = {"stats": stats} if stats is not None else {}
+    start = time.perf_counter()
+    times, layers, previous, last, ttft = [], [], 0, start, 0.0
+    for n, _ in enumerate(generate_step(prompt, model, lazy=lazy, max_tokens=max_tokens, **extra)):
+        now = time.perf_counter()
+        done = stats.decode_token_layers if stats is not None else 0
+        if n == 0:  # mlx-lm's order builds the next step before a token is handed out
+            ttft, previous = now - start, done
+        else:
+            times.append(now - last)
+            layers.append(done - previous)
+            previous = done
+        last = now
+    return ttft, times, layers
+
+
+def least_squares_slope(xs: list[float], ys: list[float]) -> float:
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--schedule", default="default")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", help="write the per-step figures here")
+    args = parser.parse_args()
+
+    model, tokenizer = load(args.model)
+    prompt = mx.array(real_text_tokens(tokenizer, args.tokens))
+    num_layers = len(model.layers)
+    revive = LazyConfig.parse(args.schedule)
+    norevive = LazyConfig.parse(args.schedule + ";norevive")
+    runs = {"baseline": None, "revival": revive, "norevive": norevive}
+    for lazy in runs.values():  # warm-up
+        timed_steps(model, prompt[:256], lazy, 4)
+    results = {
+        name: timed_steps(model, prompt, lazy, args.max_tokens) for name, lazy in runs.items()
+    }
+
+    base_ttft, base_times, _ = results["baseline"]
+    _, revive_times, revive_layers = results["revival"]
+    _, norevive_times, _ = results["norevive"]
+    deferred = [layers - num_layers for layers in revive_layers]
+    plain_step = statistics.median(norevive_times)
+    extra = [t - plain_step for t in revive_times]
+    cost = least_squares_slope(deferred, extra)
+    prefill_cost = base_ttft / (args.tokens * num_layers)
+    explained = sum(cost * d for d in deferred) / max(1e-9, sum(extra))
+
+    print(f"{args.tokens}-token prompt, schedule {revive.to_string()}, {args.max_tokens} tokens")
+    print("step  baseline ms  revival ms  deferred token-layers  norevive ms")
+    for i, (b, r, d, q) in enumerate(zip(base_times, revive_times, deferred, norevive_times)):
+        if i < 8 or i % 8 == 7:
+            print(f"{i + 1:4d} {b * 1e3:12.1f} {r * 1e3:11.1f} {d:22d} {q * 1e3:12.1f}")
+    print(
+        f"median step: baseline {statistics.median(base_times) * 1e3:.1f} ms, "
+        f"norevive {plain_step * 1e3:.1f} ms, "
+        f"revival {statistics.median(revive_times) * 1e3:.1f} ms"
+    )
+    print(
+        f"deferred work: {sum(deferred)} token-layers "
+        f"({sum(deferred) / (args.tokens * num_layers):.1%} of the prompt's), "
+        f"fitted cost {cost * 1e3:.3f} ms per token-layer vs prefill {prefill_cost * 1e3:.3f} ms; "
+        f"the fit explains {explained:.0%} of revival's extra time"
+    )
+    speeds = {}
+    for n in (8, 16, 32, 64, 128, 256):
+        if n <= len(base_times):
+            speeds[n] = {name: n / sum(times[:n]) for name, (_, times, _) in results.items()}
+            s = speeds[n]
+            print(
+                f"first {n:3d} tokens: decode tok/s baseline {s['baseline']:.1f}, "
+                f"revival {s['revival']:.1f} (×{s['revival'] / s['baseline']:.2f}), "
+                f"norevive {s['norevive']:.1f} (×{s['norevive'] / s['baseline']:.2f})"
+            )
+    if args.json:
+        report = {
+            "command": "python tools/profile_decode.py "
+            f"--tokens {args.tokens} --schedule {args.schedule} --max-tokens {args.max_tokens}",
+            "model": args.model or "default",
+            "steps": {name: times for name, (_, times, _) in results.items()},
+            "deferred_token_layers": deferred,
+            "cost_per_token_layer_s": cost,
+            "prefill_cost_per_token_layer_s": prefill_cost,
+            "explained": explained,
+            "decode_tps_first_n": speeds,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
