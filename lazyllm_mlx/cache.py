@@ -53,11 +53,17 @@ class StageStore:
         self.index_of = mx.zeros((0,), dtype=mx.int32)  # position -> entry, -1 when absent
         self.size = 0
         self.sorted = True  # entries are in increasing position order
-        self.last_position = -1
+        self.contiguous = True  # entry i holds position i (stage 0: every token, in order)
 
-    def append(self, positions: mx.array, count: int, in_order: bool) -> int:
-        """Reserve entries for `count` tokens; returns the first entry. KV is written per layer."""
+    def append(
+        self, positions: mx.array, count: int, in_order: bool, first_position: int | None = None
+    ) -> int:
+        """Reserve entries for `count` tokens; returns the first entry. KV is written per layer.
+
+        first_position: set when `positions` are first_position, first_position + 1, ...
+        """
         start = self.size
+        self.contiguous = self.contiguous and first_position == start
         self.positions = _grow_rows(self.positions, start + count, 0)
         self.positions[start : start + count] = positions
         self.index_of[positions] = mx.arange(start, start + count, dtype=mx.int32)

@@ -124,7 +124,8 @@ def load_lazy_cache(
 def _restore_stage(store: StageStore, k: int, arrays: dict[str, mx.array], in_order: bool) -> None:
     positions = arrays[f"stage{k}.positions"]
     count = positions.shape[0]
-    start = store.append(positions, count, in_order)
+    contiguous = bool(mx.array_equal(positions, mx.arange(count, dtype=positions.dtype)))
+    start = store.append(positions, count, in_order, 0 if contiguous else None)
     for j in range(len(store.layers)):
         keys = arrays.get(f"stage{k}.layer{j}.keys")
         if keys is None:

@@ -85,18 +85,21 @@ class _Attend:
 class LayerView:
     """What an mlx-lm attention sees as `cache` during a lazy call: offsets, KV write and fetch."""
 
-    def __init__(self, store: StageStore, layer: int, start: int, offset, keys_at, key_end: int):
+    def __init__(
+        self, store: StageStore, layer: int, start: int, offset, keys_at, key_end: int, key_begin=0
+    ):
         self.store, self.layer, self.start = store, layer, start
         self.offset = offset  # int (contiguous positions) or (L,) positions for the RoPE wrapper
-        self.keys_at = keys_at  # entries to attend to, or None for the first key_end entries
-        self.key_end = key_end
+        self.keys_at = keys_at  # entries to attend to, or None for entries key_begin…key_end
+        self.key_begin, self.key_end = key_begin, key_end
         self.fetched_keys: mx.array | None = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.store.write(self.layer, self.start, keys, values)
         all_keys, all_values = self.store.keys[self.layer], self.store.values[self.layer]
         if self.keys_at is None:
-            k, v = all_keys[..., : self.key_end, :], all_values[..., : self.key_end, :]
+            span = slice(self.key_begin, self.key_end)
+            k, v = all_keys[..., span, :], all_values[..., span, :]
         else:
             k = mx.take(all_keys, self.keys_at, axis=2)
             v = mx.take(all_values, self.keys_at, axis=2)
@@ -165,9 +168,12 @@ def _run_stage(
     last token's output is needed: the others only leave KV behind, so the last token runs as a
     chunk of its own and the other chunks' outputs are never computed (as in mlx-lm's prefill).
     """
-    start = store.append(flight.positions, flight.count, in_order)
+    start = store.append(flight.positions, flight.count, in_order, flight.first_position)
     keys_at = store.index_of[attend.selected] if attend.gather else None
     masked = attend.selected is not None and not attend.gather
+    # Entry = position: a sliding-window layer reads only the keys inside its window, as mlx-lm's
+    # rotating cache does (not the scoring layer: importance covers every candidate).
+    window_slices = store.contiguous and attend.selected is None
     outputs, scores = [], None
     for c0, c1 in _chunks(flight.count, step_size, split_last=final):
         x = flight.hidden[:, c0:c1]
@@ -185,15 +191,18 @@ def _run_stage(
         masks = {}
         for j, layer_index in enumerate(store.layers):
             window = family.windows[layer_index]
-            if window not in masks:
-                masks[window] = _mask(
-                    query_pos, key_pos, window, keys_allowed, causal_suffix, single_last
-                )
-            view = LayerView(store, j, start + c0, offset, keys_at, key_end)
-            rope = family.ropes[layer_index]
             scoring = score and last_chunk and j == len(store.layers) - 1
+            begin = 0
+            if window is not None and window_slices and not scoring:
+                begin = max(0, start + c0 - window + 1)
+            if (window, begin) not in masks:
+                masks[window, begin] = _mask(
+                    query_pos, key_pos[begin:], window, keys_allowed, causal_suffix, single_last
+                )
+            view = LayerView(store, j, start + c0, offset, keys_at, key_end, begin)
+            rope = family.ropes[layer_index]
             rope.recorder = Recorder() if scoring else None
-            x = family.layers[layer_index](x, masks[window], cache=view)
+            x = family.layers[layer_index](x, masks[window, begin], cache=view)
             if scoring:
                 scores = _score_row(
                     family, layer_index, rope.recorder, view, selection, keys_allowed

@@ -148,6 +148,36 @@ def test_sliding_windows_with_chunked_prefill_match_mlx_lm(family, lazy):
 
 
 @pytest.mark.parametrize("family", WINDOWED)
+def test_sliding_window_layers_read_only_their_window(family, monkeypatch):
+    """Like mlx-lm's rotating caches, a window layer of the unpruned stage reads at most the keys
+    its queries can see; global layers read everything."""
+    from lazyllm_mlx import engine
+
+    model = model_of(family)
+    windows = family_of(model).windows
+    fetched: list[tuple[int, int, int]] = []  # (layer, queries, keys) of stage 0
+    fetch = engine.LayerView.update_and_fetch
+
+    def recording(view, keys, values):
+        k, v = fetch(view, keys, values)
+        if view.store.layers.start == 0:
+            fetched.append((view.store.layers[view.layer], keys.shape[2], k.shape[2]))
+        return k, v
+
+    monkeypatch.setattr(engine.LayerView, "update_and_fetch", recording)
+    prompt = random_prompt(5 * WINDOW)
+    steps = generate_step(prompt, model, lazy="none", max_tokens=4, prefill_step_size=16)
+    assert len(list(steps)) == 4
+    decode = [(layer, keys) for layer, queries, keys in fetched if queries == 1][-len(windows) :]
+    assert [layer for layer, _ in decode] == list(range(len(windows)))
+    for (_, keys), window in zip(decode, windows):
+        assert keys == WINDOW if window else keys > prompt.size
+    for layer, queries, keys in fetched:
+        if windows[layer] is not None:
+            assert keys <= queries + WINDOW - 1
+
+
+@pytest.mark.parametrize("family", WINDOWED)
 def test_the_window_is_read_from_the_model_and_matters(family):
     model = model_of(family)
     handles = family_of(model)
