@@ -97,8 +97,8 @@ def main() -> None:
         f"the fit explains {explained:.0%} of revival's extra time"
     )
     speeds = {}
-    for n in (8, 16, 32, 64, 128, 256):
-        if n <= len(base_times):
+    for n in sorted({n for n in (8, 16, 32, 64, 128) if n < len(base_times)} | {len(base_times)}):
+        if n:
             speeds[n] = {name: n / sum(times[:n]) for name, (_, times, _) in results.items()}
             s = speeds[n]
             print(
