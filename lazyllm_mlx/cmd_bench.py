@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         out = Path(args.plot_dir)
         out.mkdir(parents=True, exist_ok=True)
-        plot_speedup(rows, out / "speedup.png", f"TTFT speed-up, {name}")
-        plot_tokens_per_layer(rows, out / "tokens_per_layer.png", f"Tokens per layer, {name}")
+        short = Path(name).name  # a file or folder path: its name fits a title
+        plot_speedup(rows, out / "speedup.png", f"TTFT speed-up, {short}")
+        plot_tokens_per_layer(rows, out / "tokens_per_layer.png", f"Tokens per layer, {short}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 STYLES = {  # family -> (marker, color)
@@ -58,7 +59,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
         ax.set_ylabel("accuracy, mean over tasks (points)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"lazyllm-mlx eval: {report.get('model', '')}", fontsize=10)
+    fig.suptitle(f"lazyllm-mlx eval: {Path(report.get('model', '')).name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
