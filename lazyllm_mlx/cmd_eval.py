@@ -20,8 +20,11 @@ from .eval_run import best_schedule, evaluate
 from .eval_tasks import TASKS
 from .loading import load
 
-# Calibration grid: the paper's stage layout at several keeps, and an earlier / later first cut.
+# Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
+# the `default` layout (a first half unpruned) at a milder and its own keep.
 SEARCH_GRID = [
+    "0.5:0.8,0.75:0.7",
+    "0.5:0.6,0.75:0.6",
     "0.3:0.9,0.6:0.9,0.9:0.9",
     "0.3:0.8,0.6:0.8,0.9:0.8",
     "0.3:0.7,0.6:0.7,0.9:0.7",
