@@ -19,7 +19,7 @@ from gguf_fixtures import write_tiny_gguf
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.utils import save_config, save_model
-from tiny_models import COMMON, FAMILY_CONFIGS, random_prompt, tiny_model, tiny_tokenizer
+from tiny_models import COMMON, FAMILY_CONFIGS, random_prompt, tiny_gpt2, tiny_model, tiny_tokenizer
 
 PROMPT = random_prompt(40, vocab=40)  # within the tiny GGUF vocabularies
 WIDE = dict(hidden_size=128, intermediate_size=256)  # every quantization group size divides it
@@ -166,18 +166,8 @@ def test_a_schedule_that_does_not_fit_is_refused_before_writing(tmp_path, gguf_f
 
 def test_a_schedule_for_an_unprunable_family_is_refused(tmp_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt2")
-    config = dict(
-        model_type="gpt2",
-        n_ctx=64,
-        n_embd=32,
-        n_head=2,
-        n_layer=2,
-        n_positions=64,
-        layer_norm_epsilon=1e-5,
-        vocab_size=128,
-    )
-    model_class, args_class = mlx_lm.utils._get_classes(config)
-    save_model(folder, model_class(args_class.from_dict(config)))
+    config, model = tiny_gpt2()
+    save_model(folder, model)
     save_config(config, folder / "config.json")
     tiny_tokenizer()._tokenizer.save_pretrained(folder)
     with pytest.raises(ValueError, match="cannot prune model type 'gpt2'"):

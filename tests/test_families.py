@@ -13,9 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
-from mlx_lm.utils import _get_classes
 from test_engine_reference import store_positions
-from tiny_models import random_prompt, tiny_model
+from tiny_models import random_prompt, tiny_gpt2, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "smollm3", "gemma3_text", "phi3"]
 FAMILIES.append("llama_sliding")  # llama blocks with mlx-lm's sliding_attention layer types
@@ -202,24 +201,8 @@ def test_supported_table_covers_the_issue_families():
     assert {"gemma3_text", "phi3"} <= SUPPORTED.keys()
 
 
-def _tiny_unsupported(config: dict):
-    model_class, args_class = _get_classes(config)
-    return model_class(args_class.from_dict(config))
-
-
 def test_other_model_types_get_a_clear_error_listing_the_supported_ones():
-    gpt2 = _tiny_unsupported(
-        dict(
-            model_type="gpt2",
-            n_ctx=64,
-            n_embd=32,
-            n_head=2,
-            n_layer=2,
-            n_positions=64,
-            layer_norm_epsilon=1e-5,
-            vocab_size=64,
-        )
-    )
+    _, gpt2 = tiny_gpt2(vocab=64)
     prompt = mx.array([1, 2, 3])
     with pytest.raises(ValueError, match="cannot prune model type 'gpt2'") as error:
         next(generate_step(prompt, gpt2, lazy="paper", max_tokens=2))

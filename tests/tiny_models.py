@@ -72,6 +72,22 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     return model
 
 
+def tiny_gpt2(vocab: int = 128) -> tuple[dict, nn.Module]:
+    """(config, model) of a tiny gpt2: a family the engine cannot prune, for the refusal tests."""
+    config = dict(
+        model_type="gpt2",
+        n_ctx=64,
+        n_embd=32,
+        n_head=2,
+        n_layer=2,
+        n_positions=64,
+        layer_norm_epsilon=1e-5,
+        vocab_size=vocab,
+    )
+    model_class, args_class = _get_classes(config)
+    return config, model_class(args_class.from_dict(config))
+
+
 def random_prompt(length: int, vocab: int = 128, seed: int = 1) -> mx.array:
     mx.random.seed(seed)
     return mx.random.randint(0, vocab, (length,)).astype(mx.int32)
