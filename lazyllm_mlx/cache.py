@@ -17,6 +17,9 @@ import numpy as np
 from .config import LazyConfig, Schedule
 
 _STEP = 256
+# A sliding-window layer of the first stage also keeps this many entries before its window, so a
+# cache can still be trimmed back a little (a server reusing a shared prefix).
+TRIM_SLACK = 256
 
 
 def _round_up(n: int) -> int:
@@ -43,12 +46,19 @@ def _rows_before(positions: mx.array, size: int, position: int):
 
 
 class StageStore:
-    """KV for the layers of one stage, the tokens' positions and a position → entry map."""
+    """KV for the layers of one stage, the tokens' positions and a position → entry map.
 
-    def __init__(self, layers: range):
+    A layer with `keep_last[j]` set (a sliding-window layer of a contiguous store, read only
+    through its window) drops the entries no later query can see, as mlx-lm's rotating cache does:
+    its buffers then start at entry `base[j]`.
+    """
+
+    def __init__(self, layers: range, keep_last: list[int | None] | None = None):
         self.layers = layers
         self.keys: list[mx.array | None] = [None] * len(layers)
         self.values: list[mx.array | None] = [None] * len(layers)
+        self.keep_last = keep_last or [None] * len(layers)
+        self.base = [0] * len(layers)  # first entry held in each layer's buffers
         self.positions = mx.zeros((0,), dtype=mx.int32)
         self.index_of = mx.zeros((0,), dtype=mx.int32)  # position -> entry, -1 when absent
         self.size = 0
@@ -72,21 +82,56 @@ class StageStore:
         return start
 
     def write(self, layer: int, start: int, keys: mx.array, values: mx.array) -> None:
+        """KV of entries start… at `layer` (a windowed layer's first write may start anywhere)."""
         end = start + keys.shape[2]
+        keep = self.keep_last[layer]
+        if self.keys[layer] is None:
+            self.base[layer] = 0 if keep is None else start
+        base = self.base[layer]
+        # A windowed layer grows only as far as it writes, dropping what is out of reach then.
+        rows = (self.size if keep is None else end) - base
+        drop = 0
+        if keep is not None and self.keys[layer] is not None and self.keys[layer].shape[2] < rows:
+            drop = max(0, (start - keep - TRIM_SLACK - base) // _STEP * _STEP)
         for buffers, new in ((self.keys, keys), (self.values, values)):
             buf = buffers[layer]
             if buf is None:
-                shape = (*new.shape[:2], _round_up(max(end, self.size)), new.shape[3])
-                buf = mx.zeros(shape, dtype=new.dtype)
-            buf = _grow_rows(buf, self.size, axis=2)
-            buf[..., start:end, :] = new
+                buf = mx.zeros((*new.shape[:2], _round_up(rows), new.shape[3]), dtype=new.dtype)
+            if drop:  # only when growing: the concatenation below copies what is still needed
+                buf = buf[..., drop:, :]
+            buf = _grow_rows(buf, rows - drop, axis=2)
+            buf[..., start - base - drop : end - base - drop, :] = new
             buffers[layer] = buf
+        self.base[layer] = base + drop
+
+    def held(self, layer: int) -> int:
+        """Entries in the layer's buffers (from base[layer] on)."""
+        return self.size - self.base[layer]
 
     def grow_positions(self, capacity: int) -> None:
         self.index_of = _grow_rows(self.index_of, capacity, 0, fill=-1)
 
+    def can_keep_before(self, position: int) -> bool:
+        """Whether the windowed layers still hold what a query at `position` would read."""
+        return all(
+            base == 0 or base <= position - keep + 1
+            for base, keep in zip(self.base, self.keep_last)
+            if keep is not None
+        )
+
     def keep_before(self, position: int) -> None:
         """Forget the tokens at `position` and after (host work: not for the hot path)."""
+        if self.contiguous:
+            if position < self.size:
+                for buffers in (self.keys, self.values):
+                    for j, buf in enumerate(buffers):
+                        if buf is not None:
+                            buffers[j] = buf[..., : max(0, position - self.base[j]), :]
+                self.positions = self.positions[:position]
+                held = mx.arange(self.index_of.shape[0]) < position
+                self.index_of = mx.where(held, self.index_of, -1)
+                self.size = position
+            return
         held, rows = _rows_before(self.positions, self.size, position)
         if rows is None:
             return
@@ -101,8 +146,8 @@ class StageStore:
         self.sorted = bool(np.all(np.diff(held) > 0))
 
     def nbytes(self) -> int:
-        arrays = [a for a in self.keys + self.values if a is not None]
-        return sum(a[..., : self.size, :].nbytes for a in arrays)
+        pairs = [(j, a) for buffers in (self.keys, self.values) for j, a in enumerate(buffers)]
+        return sum(a[..., : self.held(j), :].nbytes for j, a in pairs if a is not None)
 
 
 class AuxStore:
@@ -166,8 +211,16 @@ class LazyCache:
     position_capacity: int = 0
 
     @classmethod
-    def empty(cls, config: LazyConfig, schedule: Schedule) -> LazyCache:
+    def empty(
+        cls, config: LazyConfig, schedule: Schedule, windows: list[int | None] | None = None
+    ) -> LazyCache:
+        """windows: each layer's sliding window (None: full attention). The first stage's
+        window layers then keep only their window, except the layer that scores tokens."""
         stages = [StageStore(layers) for layers in schedule.stages]
+        if windows is not None:
+            first = schedule.stages[0]
+            scoring = first[-1] if schedule.boundaries else None
+            stages[0].keep_last = [None if i == scoring else windows[i] for i in first]
         aux = [None] + [AuxStore() for _ in schedule.boundaries]
         return cls(config=config, schedule=schedule, stages=stages, aux=aux)
 
@@ -182,8 +235,11 @@ class LazyCache:
             aux.grow_positions(self.position_capacity)
 
     def trim(self, num_tokens: int) -> int:
-        """Forget the last `num_tokens` tokens (like mlx-lm's cache.trim); returns how many."""
+        """Forget the last `num_tokens` tokens (like mlx-lm's cache.trim); returns how many:
+        0 when sliding-window layers no longer hold the keys that would be needed again."""
         num_tokens = max(0, min(num_tokens, self.offset))
+        if not all(store.can_keep_before(self.offset - num_tokens) for store in self.stages):
+            return 0  # window layers dropped keys the next token would need (mlx-lm: same)
         if num_tokens:
             self.offset -= num_tokens
             for store in self.stages:

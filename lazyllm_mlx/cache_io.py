@@ -51,8 +51,8 @@ def save_lazy_cache(
         arrays[f"stage{k}.positions"] = store.positions[: store.size]
         for j, (keys, values) in enumerate(zip(store.keys, store.values)):
             if keys is not None:
-                arrays[f"stage{k}.layer{j}.keys"] = keys[..., : store.size, :]
-                arrays[f"stage{k}.layer{j}.values"] = values[..., : store.size, :]
+                arrays[f"stage{k}.layer{j}.keys"] = keys[..., : store.held(j), :]
+                arrays[f"stage{k}.layer{j}.values"] = values[..., : store.held(j), :]
     for k, aux in enumerate(cache.aux):
         if aux is not None and aux.hidden is not None:
             arrays[f"aux{k}.positions"] = aux.positions[: aux.size]
@@ -63,6 +63,7 @@ def save_lazy_cache(
         config=cache.config.to_dict(),
         offset=cache.offset,
         sorted=[store.sorted for store in cache.stages],
+        bases=[store.base for store in cache.stages],
         user=metadata or {},
     )
     path = Path(path)
@@ -106,12 +107,13 @@ def load_lazy_cache(
             f"{path} was built with schedule {config.to_string()!r}, not {lazy.to_string()!r}."
         )
     family = family_of(model)
-    cache = LazyCache.empty(config, config.resolve(family.num_layers))
+    cache = LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
     cache.reserve_positions(header["offset"])
     cache.offset = header["offset"]
     try:
         for k, store in enumerate(cache.stages):
-            _restore_stage(store, k, arrays, header["sorted"][k])
+            bases = header["bases"][k] if "bases" in header else [0] * len(store.layers)
+            _restore_stage(store, k, arrays, header["sorted"][k], bases)
         for k, aux in enumerate(cache.aux):
             if aux is not None and f"aux{k}.hidden" in arrays:
                 aux.append(arrays[f"aux{k}.positions"], arrays[f"aux{k}.hidden"])
@@ -121,17 +123,23 @@ def load_lazy_cache(
     return cache, header.get("user", {})
 
 
-def _restore_stage(store: StageStore, k: int, arrays: dict[str, mx.array], in_order: bool) -> None:
+def _restore_stage(
+    store: StageStore, k: int, arrays: dict[str, mx.array], in_order: bool, bases: list[int]
+) -> None:
     positions = arrays[f"stage{k}.positions"]
     count = positions.shape[0]
     contiguous = bool(mx.array_equal(positions, mx.arange(count, dtype=positions.dtype)))
     start = store.append(positions, count, in_order, 0 if contiguous else None)
+    if any(bases) and (not contiguous or len(bases) != len(store.layers)):
+        raise ValueError(f"stage {k}: window offsets {bases} do not fit the stored tokens")
     for j in range(len(store.layers)):
         keys = arrays.get(f"stage{k}.layer{j}.keys")
         if keys is None:
             if count:
                 raise KeyError(f"stage{k}.layer{j}.keys")
             continue
-        if keys.shape[2] != count:
+        if keys.shape[2] != count - bases[j]:
             raise ValueError(f"stage {k} layer {j} holds {keys.shape[2]} keys for {count} tokens")
-        store.write(j, start, keys, arrays[f"stage{k}.layer{j}.values"])
+        if bases[j] and store.keep_last[j] is None:
+            raise ValueError(f"stage {k} layer {j} is not a window layer but lacks early keys")
+        store.write(j, start + bases[j], keys, arrays[f"stage{k}.layer{j}.values"])

@@ -98,7 +98,8 @@ class LayerView:
         self.store.write(self.layer, self.start, keys, values)
         all_keys, all_values = self.store.keys[self.layer], self.store.values[self.layer]
         if self.keys_at is None:
-            span = slice(self.key_begin, self.key_end)
+            base = self.store.base[self.layer]  # a windowed layer's buffers start at its base
+            span = slice(self.key_begin - base, self.key_end - base)
             k, v = all_keys[..., span, :], all_values[..., span, :]
         else:
             k = mx.take(all_keys, self.keys_at, axis=2)

@@ -54,7 +54,7 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
             "make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None."
         )
     family = family_of(model)
-    return LazyCache.empty(config, config.resolve(family.num_layers))
+    return LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
 
 
 def context_length(model: nn.Module) -> int | None:
