@@ -104,17 +104,20 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         "accuracy in points (passkey/kv: number match, mdqa: module named, code: edit similarity);"
         " KL(baseline ‖ method) of the first token in nats; cont.: greedy continuation matching"
-        " the baseline's; TTFT ×: median over prompts of baseline TTFT / method TTFT"
+        " the baseline's; TTFT ×: median over prompts of baseline TTFT / method TTFT;"
+        " Δ: mean minus the baseline's ± its standard error over the same prompts"
     )
     head = f"{'method':<28}{'prefill':>8}" + "".join(f"{t:>8}" for t in tasks)
-    head += f"{'mean':>7}{'1st tok':>8}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}{'× none':>8}"
+    head += f"{'mean':>7}{'Δ ±se':>13}{'1st tok':>8}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}"
+    head += f"{'× none':>8}"
     for length in report["lengths"]:
         print(f"\n{length}-token prompts")
         print(head)
         for r in (r for r in report["results"] if r["length"] == length):
             line = f"{r['method'][:27]:<28}{r['prefill_fraction']:>8.3f}"
             line += "".join(f"{r['scores'][t]:>8.1f}" for t in tasks)
-            line += f"{r['accuracy']:>7.1f}{r['first_token']:>8.0%}{r['kl']:>8.3f}"
+            delta = f"{r['accuracy_delta']:+.1f} ±{r['accuracy_delta_se']:.1f}"
+            line += f"{r['accuracy']:>7.1f}{delta:>13}{r['first_token']:>8.0%}{r['kl']:>8.3f}"
             line += f"{r['continuation']:>7.0%}{r['ttft_speedup']:>8.2f}"
             line += f"{_cell(r['ttft_speedup_vs_none'], '{:.2f}'):>8}"
             print(line)
@@ -172,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"\nFastest within {args.search} points of the baseline "
                 f"({best['baseline']:.1f}): ×{best['speedup']:.2f} at {best['accuracy']:.1f} "
-                f"points\n--schedule '{best['schedule']}'"
+                f"points (difference ±{best['se']:.1f} standard error)\n"
+                f"--schedule '{best['schedule']}'"
             )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

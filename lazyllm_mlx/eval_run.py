@@ -11,6 +11,7 @@ hits every method alike; the TTFT speed-up is the median over prompts of the per
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import LazyConfig, kept_count
-from .eval_score import kl_divergence, prefix_fraction, score_answer
+from .eval_score import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
 from .eval_tasks import Task, build_tasks
 from .families import family_of
 from .generate import stream_generate
@@ -144,6 +145,8 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
     def speedup(reference: list[dict]) -> float:
         return statistics.median(b["ttft"] / r["ttft"] for b, r in zip(reference, records))
 
+    delta, delta_se = paired_accuracy_delta(records, base)
+
     return dict(
         method=method.label,
         family=method.family,
@@ -151,6 +154,8 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
         matched_to=method.matched_to,
         scores=scores,
         accuracy=statistics.fmean(scores.values()),
+        accuracy_delta=delta,  # vs the baseline on the same prompts, points
+        accuracy_delta_se=delta_se,
         first_token=statistics.fmean(r["first_token"] for r in records),
         kl=statistics.fmean(r["kl"] for r in records),
         continuation=statistics.fmean(r["continuation"] for r in records),
@@ -233,7 +238,8 @@ def evaluate(
 
 def best_schedule(report: dict[str, Any], points: float) -> dict[str, Any] | None:
     """The fastest lazy schedule whose accuracy (mean over lengths) is within `points` of the
-    baseline's; speed is the mean over lengths of the median TTFT speed-up. None if none is."""
+    baseline's; speed is the mean over lengths of the median TTFT speed-up. None if none is.
+    `se`: the standard error of its accuracy difference to the baseline (paired prompts)."""
     by_method: dict[str, list[dict]] = {}
     for row in report["results"]:
         by_method.setdefault(row["method"], []).append(row)
@@ -245,7 +251,10 @@ def best_schedule(report: dict[str, Any], points: float) -> dict[str, Any] | Non
         accuracy = statistics.fmean(r["accuracy"] for r in rows)
         speedup = statistics.fmean(r["ttft_speedup"] for r in rows)
         if accuracy >= baseline - points:
+            se = math.sqrt(sum(r["accuracy_delta_se"] ** 2 for r in rows)) / len(rows)
             schedule = rows[0]["schedule"]
-            fits.append(dict(schedule=schedule, label=label, speedup=speedup, accuracy=accuracy))
+            fits.append(
+                dict(schedule=schedule, label=label, speedup=speedup, accuracy=accuracy, se=se)
+            )
     best = max(fits, key=lambda f: f["speedup"], default=None)
     return None if best is None else dict(best, baseline=baseline)

@@ -6,7 +6,9 @@ Pure functions over strings, token lists and numpy arrays; every score is in [0,
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import statistics
 
 import numpy as np
 from mlx_lm.utils import common_prefix_len
@@ -77,3 +79,18 @@ def prefix_fraction(a: list[int], b: list[int]) -> float:
     """Common prefix of two greedy continuations over the longer one's length (1 if both empty)."""
     longest = max(len(a), len(b))
     return common_prefix_len(a, b) / longest if longest else 1.0
+
+
+def paired_accuracy_delta(records: list[dict], base: list[dict]) -> tuple[float, float]:
+    """A method's mean accuracy minus the baseline's, in points, and its standard error.
+
+    records[i] and base[i] are the same prompt. The mean accuracy is the mean over tasks of each
+    task's mean score, so the difference is too; its standard error combines each task's standard
+    error of the mean of per-prompt differences (0 for a task with a single prompt).
+    """
+    deltas: dict[str, list[float]] = {}
+    for r, b in zip(records, base, strict=True):
+        deltas.setdefault(r["task"], []).append(100 * (r["score"] - b["score"]))
+    means = [statistics.fmean(d) for d in deltas.values()]
+    variances = [statistics.variance(d) / len(d) if len(d) > 1 else 0.0 for d in deltas.values()]
+    return statistics.fmean(means), math.sqrt(sum(variances)) / len(deltas)

@@ -14,6 +14,7 @@ from lazyllm_mlx.eval_score import (
     first_code_line,
     kl_divergence,
     number_match,
+    paired_accuracy_delta,
     prefix_fraction,
     score_answer,
 )
@@ -131,6 +132,20 @@ def test_agreement_scorers():
     assert prefix_fraction([], []) == 1.0 and prefix_fraction([5], [6]) == 0.0
 
 
+def test_paired_accuracy_delta_and_its_standard_error():
+    def records(*scores):
+        return [dict(task=t, score=s) for t, s in zip(["kv", "kv", "code", "code"], scores)]
+
+    base = records(1.0, 0.0, 0.5, 0.5)
+    assert paired_accuracy_delta(base, base) == (0.0, 0.0)
+    delta, se = paired_accuracy_delta(records(0.0, 0.0, 0.5, 0.7), base)
+    # kv: differences -100, 0 (mean -50, se 50); code: 0, +20 (mean 10, se 10); over two tasks
+    assert delta == pytest.approx((-50 + 10) / 2)
+    assert se == pytest.approx(math.sqrt(50**2 + 10**2) / 2)
+    with pytest.raises(ValueError):
+        paired_accuracy_delta(base[:3], base)
+
+
 @pytest.mark.parametrize("layers", [10, 18, 30])
 @pytest.mark.parametrize("schedule", ["paper", "default", "0.5:0.8,0.75:0.7", "2:0.5,5:0.6"])
 def test_static_reference_matches_the_lazy_prefill_within_one_token(layers, schedule):
@@ -179,7 +194,12 @@ def test_split_schedules():
 def test_best_schedule_is_the_fastest_within_the_target():
     def row(method, family, accuracy, speedup):
         return dict(
-            method=method, family=family, schedule=method, accuracy=accuracy, ttft_speedup=speedup
+            method=method,
+            family=family,
+            schedule=method,
+            accuracy=accuracy,
+            ttft_speedup=speedup,
+            accuracy_delta_se=0.5,
         )
 
     rows = [
@@ -190,6 +210,9 @@ def test_best_schedule_is_the_fastest_within_the_target():
         row("random[b]", "random", 80.0, 3.0),
     ]
     assert best_schedule({"results": rows}, 1.0)["schedule"] == "a"
+    assert best_schedule({"results": rows + [dict(rows[1], length=2)]}, 1.0)["se"] == (
+        pytest.approx(0.5 / math.sqrt(2))
+    )
     assert best_schedule({"results": rows}, 10.0)["schedule"] == "b"
     assert best_schedule({"results": rows[:1] + rows[2:3]}, 1.0) is None
 
@@ -217,6 +240,9 @@ def test_eval_command_smoke(tmp_path, capsys, monkeypatch, tokenizer):
         assert set(r["scores"]) == set(TASKS)
         assert len(r["instances"]) == len(TASKS)
         assert 0.0 <= r["accuracy"] <= 100.0 and r["ttft_speedup"] > 0
+        baseline_accuracy = report["results"][0]["accuracy"]
+        assert r["accuracy_delta"] == pytest.approx(r["accuracy"] - baseline_accuracy)
+        assert r["accuracy_delta_se"] >= 0
     baseline, none, paper = report["results"][:3]
     assert none["scores"] == baseline["scores"] and none["kl"] == pytest.approx(0, abs=1e-4)
     assert paper["prefill_fraction"] < 0.8

@@ -12,6 +12,8 @@ import argparse
 import json
 from typing import Any
 
+from lazyllm_mlx.eval_score import paired_accuracy_delta
+
 
 def _fmt(value: Any, spec: str) -> str:
     return "" if value is None else format(value, spec)
@@ -54,19 +56,21 @@ def eval_table(report: dict[str, Any]) -> str:
             "",
             f"**{length}-token prompts**",
             "",
-            "| method | prefill | " + " | ".join(tasks) + " | mean | 1st token | KL | "
+            "| method | prefill | " + " | ".join(tasks) + " | mean | Δ ± se | 1st token | KL | "
             "continuation | TTFT × |",
-            "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|",
+            "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|---:|",
         ]
-        for r in report["results"]:
-            if r["length"] != length:
-                continue
+        rows = [r for r in report["results"] if r["length"] == length]
+        base = next(r for r in rows if r["method"] == "baseline")
+        for r in rows:
+            delta, se = paired_accuracy_delta(r["instances"], base["instances"])
             scores = [_fmt(r["scores"].get(t), ".1f") for t in tasks]
             cells = [
                 f"`{r['method']}`",
                 _fmt(r["prefill_fraction"], ".3f"),
                 *scores,
                 _fmt(r["accuracy"], ".1f"),
+                f"{delta:+.1f} ± {se:.1f}",
                 _fmt(100 * r["first_token"], ".0f") + " %",
                 _fmt(r["kl"], ".3f"),
                 _fmt(100 * r["continuation"], ".0f") + " %",
@@ -79,7 +83,8 @@ def eval_table(report: dict[str, Any]) -> str:
             "",
             f"Fastest within {report['search']['points']:g} point(s) of the baseline: "
             f"`{best['schedule']}` (×{best['speedup']:.2f}, {best['accuracy']:.1f} points vs "
-            f"{best['baseline']:.1f}).",
+            f"{best['baseline']:.1f}"
+            + (f", difference ± {best['se']:.1f} standard error)." if "se" in best else ")."),
         ]
     return "\n".join(lines)
 
