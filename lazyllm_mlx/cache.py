@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import LazyConfig, Schedule
+from .pruning import scoring_layer
 
 _STEP = 256
 # A sliding-window layer of the first stage also keeps this many entries before its window, so a
@@ -215,11 +216,12 @@ class LazyCache:
         cls, config: LazyConfig, schedule: Schedule, windows: list[int | None] | None = None
     ) -> LazyCache:
         """windows: each layer's sliding window (None: full attention). The first stage's
-        window layers then keep only their window, except the layer that scores tokens."""
+        window layers then keep only their window, except the layer that scores tokens (which
+        scores every candidate: see pruning.scoring_layer)."""
         stages = [StageStore(layers) for layers in schedule.stages]
         if windows is not None:
             first = schedule.stages[0]
-            scoring = first[-1] if schedule.boundaries else None
+            scoring = scoring_layer(first, windows) if schedule.boundaries else None
             stages[0].keep_last = [None if i == scoring else windows[i] for i in first]
         aux = [None] + [AuxStore() for _ in schedule.boundaries]
         return cls(config=config, schedule=schedule, stages=stages, aux=aux)

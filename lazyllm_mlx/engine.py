@@ -24,7 +24,7 @@ import mlx.core as mx
 from .cache import LazyCache, StageStore
 from .config import kept_count
 from .families import Family
-from .pruning import last_row_attention, select_top, split_top
+from .pruning import last_row_attention, scoring_layer, select_top, split_top
 from .rope import Recorder
 
 _FAR = 1 << 30  # added to positions to sort "not wanted" entries last
@@ -175,6 +175,7 @@ def _run_stage(
     # Entry = position: a sliding-window layer reads only the keys inside its window, as mlx-lm's
     # rotating cache does (not the scoring layer: importance covers every candidate).
     window_slices = store.contiguous and attend.selected is None
+    scorer = scoring_layer(store.layers, family.windows)
     outputs, scores = [], None
     for c0, c1 in _chunks(flight.count, step_size, split_last=final):
         x = flight.hidden[:, c0:c1]
@@ -192,7 +193,7 @@ def _run_stage(
         masks = {}
         for j, layer_index in enumerate(store.layers):
             window = family.windows[layer_index]
-            scoring = score and last_chunk and j == len(store.layers) - 1
+            scoring = score and last_chunk and layer_index == scorer
             begin = 0
             if window is not None and window_slices and not scoring:
                 begin = max(0, start + c0 - window + 1)

@@ -24,6 +24,17 @@ def last_row_attention(
     return probs.mean(axis=(0, 1, 2))
 
 
+def scoring_layer(layers: range, windows: list[int | None]) -> int:
+    """The layer of a stage whose last-token attention ranks the tokens at the next boundary.
+
+    The stage's last full-attention layer, else its last layer. On models mixing sliding-window and
+    global layers (Gemma 3) a window layer's last token never attends beyond its window, so its
+    attention there carries no information on older tokens; a global layer's does.
+    """
+    full = [layer for layer in layers if windows[layer] is None]
+    return full[-1] if full else layers[-1]
+
+
 def _ranked(scores: mx.array) -> mx.array:
     """Scores with the last entry (the last token, always kept) pushed above everything."""
     n = scores.shape[0]

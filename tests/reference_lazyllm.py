@@ -14,8 +14,9 @@ import numpy as np
 
 
 class ReferenceLazyLLM:
-    def __init__(self, model, schedule: Schedule):
+    def __init__(self, model, schedule: Schedule, windows: list[int | None] | None = None):
         self.model = model
+        self.windows = windows or [None] * len(model.layers)
         self.layers = model.layers
         self.schedule = schedule
         self.stage_of = {}
@@ -46,16 +47,22 @@ class ReferenceLazyLLM:
             self.kv[index][p] = (ki, v[i])
         rep = attn.n_heads // attn.n_kv_heads
         outs, scores = [], None
-        for i, p in enumerate(positions):
-            keys_pos = [a for a in attend if a <= p]
+        window = self.windows[index]
+
+        def attention(i, keys_pos):
             keys = mx.stack([self.kv[index][a][0] for a in keys_pos], axis=1)  # (Hkv, m, D)
-            vals = mx.stack([self.kv[index][a][1] for a in keys_pos], axis=1)
             qh = q[i].reshape(attn.n_kv_heads, rep, -1)
             logits = (qh * attn.scale) @ keys.transpose(0, 2, 1)  # (Hkv, rep, m)
-            probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-            outs.append((probs @ vals).reshape(-1))
-            if want_scores and i == n - 1:
-                scores = dict(zip(keys_pos, np.array(probs.mean(axis=(0, 1))).tolist()))
+            return mx.softmax(logits.astype(mx.float32), axis=-1)
+
+        for i, p in enumerate(positions):
+            keys_pos = [a for a in attend if a <= p and (window is None or a > p - window)]
+            vals = mx.stack([self.kv[index][a][1] for a in keys_pos], axis=1)
+            outs.append((attention(i, keys_pos) @ vals).reshape(-1))
+            if want_scores and i == n - 1:  # importance over every candidate, window or not
+                candidates = [a for a in attend if a <= p]
+                probs = attention(i, candidates)
+                scores = dict(zip(candidates, np.array(probs.mean(axis=(0, 1))).tolist()))
         h = hidden + attn.o_proj(mx.stack(outs))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, scores
@@ -93,9 +100,14 @@ class ReferenceLazyLLM:
                 attend = sorted(self.kv[stage[0]]) + [p for p in todo]
                 attend = sorted(set(attend))
             h = mx.stack([hidden[p] for p in todo])
+            # Scores from the stage's last global layer (a window layer's last token does not see
+            # older tokens), else from its last layer.
+            scorer = max([layer for layer in stage if self.windows[layer] is None] or [stage[-1]])
             for layer in stage:
-                want = layer == stage[-1]
-                h, scores = self._layer(layer, h, todo, attend, want)
+                want = layer == scorer
+                h, layer_scores = self._layer(layer, h, todo, attend, want)
+                if want:
+                    scores = layer_scores
             hidden = dict(zip(todo, h))
         self.selections.append(selections)
         last = max(todo)

@@ -52,3 +52,28 @@ def test_engine_matches_reference(schedule, revive, gather, monkeypatch):
     assert stats.revived == reference.revived
     if revive and schedule != "4:0.3":
         assert stats.revived > 0, "the scenario should exercise revival"
+
+
+@pytest.mark.parametrize("schedule", ["paper", "2:0.5,5:0.6,8:0.5"])
+def test_engine_matches_reference_with_sliding_windows(schedule):
+    """Window layers alternating with global ones: a stage's tokens are ranked by its last global
+    layer, window layers attend only inside their window (prompt and decode cross it)."""
+    model = tiny_model("llama_sliding")
+    family = family_of(model)
+    assert family.windows[:2] == [24, None]
+    cache = make_lazy_cache(model, schedule)
+    reference = ReferenceLazyLLM(model, cache.schedule, family.windows)
+    stats = LazyStats(family.num_layers)
+    prompt = random_prompt(60)
+
+    logits = lazy_forward(family, cache, prompt, stats, prune=True, decoding=False, step_size=16)
+    expected = reference.step(prompt.tolist())
+    assert mx.abs(logits - expected).max().item() < 1e-4
+    assert store_positions(cache) == [set(d) for d in reference.kv]
+    for _ in range(8):
+        token = mx.argmax(logits, axis=-1)
+        logits = lazy_forward(family, cache, token, stats, prune=True, decoding=True)
+        expected = reference.step(token.tolist())
+        assert mx.abs(logits - expected).max().item() < 1e-4
+        assert store_positions(cache) == [set(d) for d in reference.kv]
+    assert stats.revived == reference.revived > 0

@@ -8,6 +8,7 @@ from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
 from lazyllm_mlx import cache as cache_module
 from lazyllm_mlx.cache_io import load_lazy_cache, save_lazy_cache
 from lazyllm_mlx.families import family_of
+from lazyllm_mlx.pruning import scoring_layer
 
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
@@ -55,7 +56,7 @@ def test_dropping_window_keys_keeps_mlx_lm_tokens(family, lazy):
     assert run(model, prompt, lazy, cache) == expected
     windows = family_of(model).windows
     first = cache.stages[0].layers
-    scoring = first[-1] if lazy != "none" else None
+    scoring = scoring_layer(first, windows) if lazy != "none" else None
     windowed = [layer for layer in first if windows[layer] is not None and layer != scoring]
     assert dropped_layers(model, cache) == windowed
     store = cache.stages[0]
