@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         default=None,
         help="LazyLLM schedule stored in config.json and used by `generate` for this model: a "
-        "preset (none, paper, default) or 'boundary:keep,...[;min=N][;norevive]'",
+        "preset (none, paper, default, safe) or 'boundary:keep,...[;min=N][;norevive]'",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace --mlx-path if it already exists"

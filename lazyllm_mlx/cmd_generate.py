@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--schedule",
         default=None,
-        help="LazyLLM schedule: a preset (none, paper, default), 'off' for plain mlx-lm, or "
+        help="LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
         "'boundary:keep,...[;min=N][;norevive]' e.g. 0.3:0.7,0.6:0.7 (depth fractions) or "
         "9:0.7,18:0.5 (layers). Default: the model's stored schedule, else 'default'.",
     )

@@ -11,6 +11,9 @@ def test_presets():
     assert paper.resolve(30) == Schedule(30, (9, 18, 27), (0.7, 0.7, 0.7))
     assert LazyConfig.preset("none").resolve(30).boundaries == ()
     assert LazyConfig.preset("default").min_prompt_tokens > 0
+    safe, default = LazyConfig.preset("safe").resolve(18), LazyConfig.preset("default").resolve(18)
+    assert safe.boundaries == default.boundaries
+    assert safe.prefill_fraction(1024) > default.prefill_fraction(1024)
     with pytest.raises(ValueError, match="Unknown LazyLLM preset 'fastest'"):
         LazyConfig.preset("fastest")
 
