@@ -34,12 +34,20 @@ def test_timed_steps_counts_deferred_work_only_with_revival():
     _, times, computed = profile.timed_steps(model, prompt, schedule, 6)
     assert len(times) == 5 and all(c >= layers for c in computed)
     assert sum(computed) > 5 * layers  # decoding revived pruned tokens
+    costs = profile.layer_row_costs(model, rows=(1, 3), repeats=2)
+    assert list(costs) == [1, 3] and all(c > 0 for c in costs.values())
 
 
-def test_least_squares_slope():
+def test_least_squares_slope_and_step_groups():
     profile = tool("profile_decode")
     assert profile.least_squares_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
     assert profile.least_squares_slope([2, 2], [1, 5]) == 0.0
+    groups = profile.by_deferred([5, 15, 15, 200], [0.1, 0.2, 0.4, 1.0])
+    assert groups == [
+        ("0-10", 1, 0.1, 5),
+        ("11-20", 2, pytest.approx(0.3), 15),
+        (">100", 1, 1.0, 200),
+    ]
 
 
 def test_benchmarks_md_tables():

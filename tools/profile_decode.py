@@ -49,6 +49,36 @@ def least_squares_slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
 
 
+def by_deferred(deferred: list[int], times: list[float]) -> list[tuple[str, int, float, float]]:
+    """Revival steps grouped by their deferred token-layers: (range, steps, median s, median d)."""
+    rows = []
+    for low, high in ((0, 10), (11, 20), (21, 50), (51, 100), (101, None)):
+        top = high if high is not None else max(deferred, default=0)
+        group = [(t, d) for t, d in zip(times, deferred) if low <= d <= top]
+        if group:
+            label = f"{low}-{high}" if high is not None else f">{low - 1}"
+            median_time = statistics.median(t for t, _ in group)
+            rows.append((label, len(group), median_time, statistics.median(d for _, d in group)))
+    return rows
+
+
+def layer_row_costs(model, rows=(1, 2, 4, 8, 16), repeats: int = 50) -> dict[int, float]:
+    """Median seconds of one decoder layer on `rows` tokens (no cache): what one more token in a
+    decode step costs per layer, before any attention over the context."""
+    layer, hidden = model.layers[0], model.args.hidden_size
+    costs = {}
+    for n in rows:
+        x = mx.random.normal((1, n, hidden), key=mx.random.key(n))
+        mx.eval(layer(x, None if n == 1 else "causal"))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(layer(x, None if n == 1 else "causal"))
+            times.append(time.perf_counter() - start)
+        costs[n] = statistics.median(times)
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
@@ -96,6 +126,22 @@ def main() -> None:
         f"fitted cost {cost * 1e3:.3f} ms per token-layer vs prefill {prefill_cost * 1e3:.3f} ms; "
         f"the fit explains {explained:.0%} of revival's extra time"
     )
+    groups = by_deferred(deferred, revive_times)
+    for label, count, median_time, median_deferred in groups:
+        extra_per_layer = (median_time - plain_step) / max(1, median_deferred)
+        print(
+            f"revival steps with {label} deferred token-layers: {count}, median "
+            f"{median_time * 1e3:.1f} ms ({extra_per_layer * 1e3:.2f} ms per deferred token-layer "
+            "over the norevive step)"
+        )
+    row_costs = layer_row_costs(model)
+    print(
+        "one decoder layer on "
+        + "/".join(str(n) for n in row_costs)
+        + " tokens: "
+        + "/".join(f"{c * 1e3:.2f}" for c in row_costs.values())
+        + " ms"
+    )
     speeds = {}
     for n in sorted({n for n in (8, 16, 32, 64, 128) if n < len(base_times)} | {len(base_times)}):
         if n:
@@ -116,6 +162,8 @@ def main() -> None:
             "cost_per_token_layer_s": cost,
             "prefill_cost_per_token_layer_s": prefill_cost,
             "explained": explained,
+            "steps_by_deferred": groups,
+            "layer_seconds_by_rows": row_costs,
             "decode_tps_first_n": speeds,
         }
         with open(args.json, "w") as f:
