@@ -61,7 +61,7 @@ class _InFlight:
     """Tokens computed at the current stage in this call: positions and hidden states."""
 
     positions: mx.array  # (n,) int32, increasing
-    hidden: mx.array  # (1, n, hidden)
+    hidden: mx.array  # (1, n, hidden), or (n,) token ids before the first stage embeds them
     count: int
     first_position: int | None  # set when positions are contiguous (plain RoPE offset)
     new_count: int  # how many of them are this call's new tokens (the others are revived)
@@ -178,7 +178,10 @@ def _run_stage(
     scorer = scoring_layer(store.layers, family.windows)
     outputs, scores = [], None
     for c0, c1 in _chunks(flight.count, step_size, split_last=final):
-        x = flight.hidden[:, c0:c1]
+        if flight.hidden.ndim == 1:  # embed chunk by chunk, as mlx-lm's prefill does
+            x = family.embed(flight.hidden[None, c0:c1])
+        else:
+            x = flight.hidden[:, c0:c1]
         query_pos = flight.positions[c0:c1]
         last_chunk = c1 == flight.count
         if flight.first_position is not None:
@@ -309,7 +312,7 @@ def lazy_forward(
     cache.reserve_positions(count)
     fresh = first == 0
     positions = mx.arange(first, first + count, dtype=mx.int32)
-    flight = _InFlight(positions, family.embed(tokens[None]), count, first, count)
+    flight = _InFlight(positions, tokens, count, first, count)
     selecting = prune and bool(cache.schedule.boundaries)
     counts = _planned_counts(cache, count, selecting)
     planned = sum(n * len(s.layers) for n, s in zip(counts, cache.stages))
