@@ -21,6 +21,23 @@ def store_positions(cache):
     return out
 
 
+def prefill_and_decode_against(reference, family, cache, prompt, revive: bool) -> LazyStats:
+    """Chunked prefill then 8 greedy decode steps; logits and per-layer KV positions must match
+    the reference after each call."""
+    stats = LazyStats(family.num_layers)
+    logits = lazy_forward(family, cache, prompt, stats, prune=True, decoding=False, step_size=16)
+    expected = reference.step(prompt.tolist())
+    assert mx.abs(logits - expected).max().item() < 1e-4
+    assert store_positions(cache) == [set(d) for d in reference.kv]
+    for _ in range(8):
+        token = mx.argmax(logits, axis=-1)
+        logits = lazy_forward(family, cache, token, stats, prune=revive, decoding=True)
+        expected = reference.step(token.tolist(), revive=revive)
+        assert mx.abs(logits - expected).max().item() < 1e-4
+        assert store_positions(cache) == [set(d) for d in reference.kv]
+    return stats
+
+
 @pytest.mark.parametrize("gather", [False, True], ids=["masked", "gathered"])
 @pytest.mark.parametrize(
     "schedule, revive",
@@ -35,20 +52,7 @@ def test_engine_matches_reference(schedule, revive, gather, monkeypatch):
     cache = make_lazy_cache(model, config)
     family = family_of(model)
     reference = ReferenceLazyLLM(model, cache.schedule)
-    stats = LazyStats(family.num_layers)
-    prompt = random_prompt(40)
-
-    logits = lazy_forward(family, cache, prompt, stats, prune=True, decoding=False, step_size=16)
-    expected = reference.step(prompt.tolist())
-    assert mx.abs(logits - expected).max().item() < 1e-4
-    assert store_positions(cache) == [set(d) for d in reference.kv]
-
-    for _ in range(8):
-        token = mx.argmax(logits, axis=-1)
-        logits = lazy_forward(family, cache, token, stats, prune=revive, decoding=True)
-        expected = reference.step(token.tolist(), revive=revive)
-        assert mx.abs(logits - expected).max().item() < 1e-4
-        assert store_positions(cache) == [set(d) for d in reference.kv]
+    stats = prefill_and_decode_against(reference, family, cache, random_prompt(40), revive)
     assert stats.revived == reference.revived
     if revive and schedule != "4:0.3":
         assert stats.revived > 0, "the scenario should exercise revival"
@@ -63,17 +67,5 @@ def test_engine_matches_reference_with_sliding_windows(schedule):
     assert family.windows[:2] == [24, None]
     cache = make_lazy_cache(model, schedule)
     reference = ReferenceLazyLLM(model, cache.schedule, family.windows)
-    stats = LazyStats(family.num_layers)
-    prompt = random_prompt(60)
-
-    logits = lazy_forward(family, cache, prompt, stats, prune=True, decoding=False, step_size=16)
-    expected = reference.step(prompt.tolist())
-    assert mx.abs(logits - expected).max().item() < 1e-4
-    assert store_positions(cache) == [set(d) for d in reference.kv]
-    for _ in range(8):
-        token = mx.argmax(logits, axis=-1)
-        logits = lazy_forward(family, cache, token, stats, prune=True, decoding=True)
-        expected = reference.step(token.tolist())
-        assert mx.abs(logits - expected).max().item() < 1e-4
-        assert store_positions(cache) == [set(d) for d in reference.kv]
+    stats = prefill_and_decode_against(reference, family, cache, random_prompt(60), revive=True)
     assert stats.revived == reference.revived > 0
