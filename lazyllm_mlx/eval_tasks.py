@@ -308,7 +308,10 @@ def build_code(tokenizer: Any, length: int, index: int, seed: int, chat: bool) -
     root = stdlib_path()
     min_chars = 3 * length  # code runs ~3-4 characters per token: enough context for a tokenizer
     window = max(10, min(200, length // 20))  # lines surely inside the context
-    for path in files[index % _STRIDE :: _STRIDE]:  # distinct files for the first _STRIDE instances
+    # Distinct files for the first _STRIDE instances; long prompts may need any long file.
+    preferred = files[index % _STRIDE :: _STRIDE]
+    others = [f for i, f in enumerate(files) if i % _STRIDE != index % _STRIDE]
+    for path in preferred + others:
         text = read_source(path)
         if text is None or len(text) < 2 * min_chars:
             continue

@@ -56,6 +56,13 @@ def test_instances_do_not_depend_on_how_many_are_built(tokenizer):
     assert [t.tokens for t in one] == [t.tokens for t in two if t.index == 0]
 
 
+def test_code_tasks_reach_long_prompts(tokenizer):
+    # Few standard library files are long enough for 4K tokens: the builder looks beyond its stride.
+    tasks = build_tasks(tokenizer, ["code"], 4096, 3, 3, True)
+    assert all(len(t.tokens) == 4096 for t in tasks)
+    assert len({(t.meta["file"], t.meta["line"]) for t in tasks}) == 3
+
+
 def test_the_fact_sits_in_its_span_at_the_intended_depth(suites, tokenizer):
     chat, tasks, _, _ = suites
     for task in (t for t in tasks if t.task in ("passkey", "kv", "mdqa")):
