@@ -166,8 +166,9 @@ def _run_stage(
 
     Returns the hidden states, the last token's scores at the last layer (if `score`), the
     positions those scores rank and how many candidates they cover. In the `final` stage only the
-    last token's output is needed: the others only leave KV behind, so the last token runs as a
-    chunk of its own and the other chunks' outputs are never computed (as in mlx-lm's prefill).
+    last token's output is needed: the others only leave KV behind, so the last token of a long
+    flight runs as a chunk of its own and the other chunks' outputs are never computed (as in
+    mlx-lm's prefill).
     """
     start = store.append(flight.positions, flight.count, in_order, flight.first_position)
     keys_at = store.index_of[attend.selected] if attend.gather else None
@@ -177,7 +178,8 @@ def _run_stage(
     window_slices = store.contiguous and attend.selected is None
     scorer = scoring_layer(store.layers, family.windows)
     outputs, scores = [], None
-    for c0, c1 in _chunks(flight.count, step_size, split_last=final):
+    split_last = final and flight.count > _SPLIT_MIN_TOKENS
+    for c0, c1 in _chunks(flight.count, step_size, split_last):
         if flight.hidden.ndim == 1:  # embed chunk by chunk, as mlx-lm's prefill does
             x = family.embed(flight.hidden[None, c0:c1])
         else:
@@ -225,6 +227,11 @@ def _run_stage(
         return hidden, scores, attend.selected, attend.count
     n_candidates = attend.count if masked else store.size
     return hidden, scores, store.positions[: store.size], n_candidates
+
+
+# A separate last chunk reads every weight of the stage once more; that pays only when it saves
+# the last layer's attention and MLP for enough other tokens (revived tokens while decoding do not).
+_SPLIT_MIN_TOKENS = 64
 
 
 def _chunks(count: int, step: int, split_last: bool) -> list[tuple[int, int]]:
