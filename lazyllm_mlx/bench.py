@@ -7,6 +7,7 @@ disturbs every column alike; each cell is the median over the runs after one war
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ def real_text_tokens(tokenizer, count: int) -> list[int]:
 @dataclass
 class Run:
     ttft: float
+    total: float  # seconds from the call to the last generated token
     prompt_tps: float
     generation_tps: float
     peak_memory: float
@@ -56,6 +58,7 @@ class Cell:
             method=self.method,
             runs=len(self.runs),
             ttft=self.median("ttft"),
+            total_time=self.median("total"),
             prompt_tps=self.median("prompt_tps"),
             generation_tps=self.median("generation_tps"),
             peak_memory_gb=self.median("peak_memory"),
@@ -63,6 +66,7 @@ class Cell:
         )
         if baseline is not None:
             out["speedup"] = baseline.median("ttft") / out["ttft"]
+            out["total_speedup"] = baseline.median("total") / out["total_time"]
             out["decode_vs_baseline"] = out["generation_tps"] / baseline.median("generation_tps")
             out["memory_vs_baseline"] = out["peak_memory_gb"] / baseline.median("peak_memory")
         if self.runs[0].prefill_fraction:
@@ -83,6 +87,7 @@ def measure(
 ) -> Run:
     mx.clear_cache()
     mx.reset_peak_memory()
+    start = time.perf_counter()
     *_, last = stream_generate(
         model,
         tokenizer,
@@ -91,9 +96,11 @@ def measure(
         lazy=lazy,
         prefill_step_size=prefill_step_size,
     )
+    total = time.perf_counter() - start
     stats = last.lazy
     return Run(
         ttft=last.ttft,
+        total=total,
         prompt_tps=last.prompt_tps,
         generation_tps=last.generation_tps,
         peak_memory=last.peak_memory,
@@ -134,7 +141,7 @@ def run_bench(
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
         f"{'tokens':>7} {'method':<30}{'TTFT s':>8}{'×base':>7}{'ideal':>7}{'meas/ideal':>11}"
-        f"{'prefill':>8}{'decode t/s':>11}{'×base':>7}{'peak GB':>9}"
+        f"{'prefill':>8}{'decode t/s':>11}{'×base':>7}{'total ×':>8}{'peak GB':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -148,6 +155,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{cell('speedup', '.2f', 7)}{cell('ideal_speedup', '.2f', 7)}"
             f"{cell('measured_over_ideal', '.2f', 11)}{cell('prefill_fraction', '.3f', 8)}"
             f"{cell('generation_tps', '.1f', 11)}{cell('decode_vs_baseline', '.2f', 7)}"
+            f"{cell('total_speedup', '.2f', 8)}"
             f"{cell('peak_memory_gb', '.3f', 9)}"
         )
     return "\n".join(lines)

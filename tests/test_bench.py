@@ -25,7 +25,8 @@ def test_bench_writes_table_json_and_plots(tmp_path, capsys):
     assert methods == ["baseline", "paper", "paper;norevive"]
     paper = data["rows"][1]
     assert paper["prefill_fraction"] < 1 and paper["ideal_speedup"] > 1
-    assert paper["speedup"] > 0 and paper["measured_over_ideal"] > 0
+    assert paper["speedup"] > 0 and paper["measured_over_ideal"] > 0 and paper["total_speedup"] > 0
+    assert data["rows"][0]["total_time"] > data["rows"][0]["ttft"]
     assert len(paper["tokens_per_layer"]) == 30 and paper["tokens_per_layer"][0] == 96
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert (tmp_path / "tokens_per_layer.png").stat().st_size > 0

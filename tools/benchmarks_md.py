@@ -25,8 +25,8 @@ def bench_table(report: dict[str, Any]) -> str:
         f"{report['runs']} runs after a warm-up, {report['max_tokens']} generated tokens per run.",
         "",
         "| tokens | method | TTFT s | × baseline | ideal × | measured ÷ ideal | prefill fraction "
-        "| decode tok/s | decode × baseline | peak GB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| decode tok/s | decode × baseline | prompt + answer × baseline | peak GB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         cells = [
@@ -39,6 +39,7 @@ def bench_table(report: dict[str, Any]) -> str:
             _fmt(r.get("prefill_fraction"), ".3f"),
             _fmt(r["generation_tps"], ".1f"),
             _fmt(r.get("decode_vs_baseline"), ".2f"),
+            _fmt(r.get("total_speedup"), ".2f"),  # absent from reports of older versions
             _fmt(r["peak_memory_gb"], ".3f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
