@@ -38,15 +38,18 @@ def prefill_and_decode_against(reference, family, cache, prompt, revive: bool) -
     return stats
 
 
-@pytest.mark.parametrize("gather", [False, True], ids=["masked", "gathered"])
+@pytest.mark.parametrize("variant", ["masked", "gathered", "split"])
 @pytest.mark.parametrize(
     "schedule, revive",
     [("paper", True), ("2:0.5,5:0.6,8:0.5", True), ("paper", False), ("4:0.3", True)],
 )
-def test_engine_matches_reference(schedule, revive, gather, monkeypatch):
-    """Both ways of attending to the selected tokens: a mask over the store, or gathered keys."""
-    if gather:
+def test_engine_matches_reference(schedule, revive, variant, monkeypatch):
+    """Both ways of attending to the selected tokens (a mask over the store, or gathered keys),
+    and the final stage's last token as a chunk of its own whenever there are others."""
+    if variant == "gathered":
         monkeypatch.setattr(engine, "_MASK_MAX_QUERIES", 0)
+    if variant == "split":
+        monkeypatch.setattr(engine, "_SPLIT_MIN_TOKENS", 1)
     model = tiny_model("llama", num_hidden_layers=10)
     config = LazyConfig.parse(schedule).with_options(revive=revive)
     cache = make_lazy_cache(model, config)
@@ -69,3 +72,26 @@ def test_engine_matches_reference_with_sliding_windows(schedule):
     reference = ReferenceLazyLLM(model, cache.schedule, family.windows)
     stats = prefill_and_decode_against(reference, family, cache, random_prompt(60), revive=True)
     assert stats.revived == reference.revived > 0
+
+
+def test_a_decode_step_runs_each_layer_once():
+    """Revived tokens and the new token go through a stage together: one call per layer."""
+    model = tiny_model("llama", num_hidden_layers=10)
+    family = family_of(model)
+    cache = make_lazy_cache(model, "paper")
+    stats = LazyStats(family.num_layers)
+    logits = lazy_forward(family, cache, random_prompt(40), stats, prune=True, decoding=False)
+    calls = [0] * family.num_layers
+
+    def counted(i, block):
+        def call(*args, **kwargs):
+            calls[i] += 1
+            return block(*args, **kwargs)
+
+        return call
+
+    family.layers[:] = [counted(i, block) for i, block in enumerate(family.layers)]
+    for _ in range(4):
+        token = mx.argmax(logits, axis=-1)
+        logits = lazy_forward(family, cache, token, stats, prune=True, decoding=True)
+    assert stats.revived > 0 and calls == [4] * family.num_layers
