@@ -38,6 +38,21 @@ def test_timed_steps_counts_deferred_work_only_with_revival():
     assert list(costs) == [1, 3] and all(c > 0 for c in costs.values())
 
 
+def test_stage_breakdown_counts_the_tokens_each_stage_computes():
+    profile = tool("profile_decode")
+    model = tiny_model("llama")
+    prompt = random_prompt(64)
+    schedule = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0)
+    rows = profile.stage_breakdown(model, prompt, schedule, 8)
+    assert [(r["stage"], r["layers"]) for r in rows] == [(0, 5), (1, 5)]
+    assert rows[0]["tokens"] == 1 and rows[0]["selection_ms"] == 0.0
+    assert rows[1]["tokens"] >= 1 and rows[1]["selection_ms"] > 0
+    assert all(r["stage_ms"] > 0 for r in rows)
+    assert profile.engine._run_stage.__name__ == "_run_stage"  # restored
+    rows = profile.stage_breakdown(model, prompt, as_config("0.5:0.5;min=0;norevive"), 8)
+    assert [r["tokens"] for r in rows] == [1, 1] and rows[1]["selection_ms"] == 0.0
+
+
 def test_least_squares_slope_and_step_groups():
     profile = tool("profile_decode")
     assert profile.least_squares_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)

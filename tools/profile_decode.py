@@ -7,7 +7,8 @@ real-text prompt, timing every decode step (warm-up run first). Revival makes a 
 pruned tokens the new token selects, at the layers where they lack KV: "deferred" token-layers.
 The report fits  step time = norevive step time + cost × deferred token-layers  and compares that
 cost with the prefill's cost per token-layer, then shows the decode speed over the first n tokens
-(revival front-loads the deferred work, so the ratio to the baseline grows with n).
+(revival front-loads the deferred work, so the ratio to the baseline grows with n). Last, a
+breakdown of the steps by stage: each stage and each boundary's selection evaluated on its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
+import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, LazyStats, generate_step, load
 from lazyllm_mlx.bench import real_text_tokens
 
@@ -77,6 +79,53 @@ def layer_row_costs(model, rows=(1, 2, 4, 8, 16), repeats: int = 50) -> dict[int
             times.append(time.perf_counter() - start)
         costs[n] = statistics.median(times)
     return costs
+
+
+def stage_breakdown(model, prompt, lazy, max_tokens: int) -> list[dict[str, float]]:
+    """Per stage of the decode steps (the first one, the prefill's deferred bulk, left out):
+    median tokens computed, ms to compute them, and ms of the selection before the stage. Each
+    part is evaluated before the next starts, so the parts add up to more than a real step."""
+    calls: list[list[tuple[range, int, float, float]]] = []  # per engine call, per stage
+    run_stage, select = engine._run_stage, engine._select_and_revive
+    selection = [0.0]
+
+    def timed_select(cache, k, flight, scores, *rest):
+        mx.eval(scores, flight.hidden)  # the previous stage's work is not the selection's
+        start = time.perf_counter()
+        out = select(cache, k, flight, scores, *rest)
+        mx.eval(out[0].hidden)
+        selection[0] = time.perf_counter() - start
+        return out
+
+    def timed_stage(family, store, flight, *args, **kwargs):
+        start = time.perf_counter()
+        out = run_stage(family, store, flight, *args, **kwargs)
+        mx.eval(*(x for x in out[:2] if x is not None))
+        if store.layers.start == 0:
+            calls.append([])
+        calls[-1].append((store.layers, flight.count, time.perf_counter() - start, selection[0]))
+        selection[0] = 0.0
+        return out
+
+    engine._run_stage, engine._select_and_revive = timed_stage, timed_select
+    try:
+        timed_steps(model, prompt, lazy, max_tokens)
+    finally:
+        engine._run_stage, engine._select_and_revive = run_stage, select
+    decode = calls[2:]  # after the prefill and the first decode step
+    rows = []
+    for k, (layers, *_) in enumerate(decode[0]):
+        mine = [call[k] for call in decode]
+        rows.append(
+            {
+                "stage": k,
+                "layers": len(layers),
+                "tokens": statistics.median(p[1] for p in mine),
+                "stage_ms": statistics.median(p[2] for p in mine) * 1e3,
+                "selection_ms": statistics.median(p[3] for p in mine) * 1e3,
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -142,6 +191,16 @@ def main() -> None:
         + "/".join(f"{c * 1e3:.2f}" for c in row_costs.values())
         + " ms"
     )
+    breakdown = {}
+    for name in ("revival", "norevive"):
+        breakdown[name] = stage_breakdown(model, prompt, runs[name], args.max_tokens)
+        for row in breakdown[name]:
+            print(
+                f"{name} stage {row['stage']} ({row['layers']} layers): median "
+                f"{row['tokens']:g} tokens, {row['stage_ms']:.1f} ms "
+                f"({row['stage_ms'] / row['layers']:.2f} per layer), selection before it "
+                f"{row['selection_ms']:.1f} ms"
+            )
     speeds = {}
     for n in sorted({n for n in (8, 16, 32, 64, 128) if n < len(base_times)} | {len(base_times)}):
         if n:
@@ -165,6 +224,7 @@ def main() -> None:
             "steps_by_deferred": groups,
             "layer_seconds_by_rows": row_costs,
             "decode_tps_first_n": speeds,
+            "stage_breakdown": breakdown,
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
