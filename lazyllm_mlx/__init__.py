@@ -12,6 +12,7 @@ from .convert import convert  # noqa: E402
 from .engine import LazyStats  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResponse,
+    default_schedule,
     generate,
     generate_step,
     make_lazy_cache,
@@ -25,6 +26,7 @@ __all__ = [
     "LazyConfig",
     "LazyStats",
     "convert",
+    "default_schedule",
     "generate",
     "generate_step",
     "load",

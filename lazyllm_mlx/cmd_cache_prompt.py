@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         default=None,
         help="LazyLLM schedule for the prefill and later turns (a preset or schedule string; "
-        "'none' prunes nothing). Default: the model's stored schedule, else 'default'.",
+        "'none' prunes nothing). Default: the model's stored schedule, else its family's "
+        "calibrated preset ('safe' for Gemma 3), else 'default'.",
     )
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--ignore-chat-template", action="store_true")

@@ -12,8 +12,8 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from .config import LazyConfig, as_config
-from .generate import stream_generate
+from .config import LazyConfig
+from .generate import default_schedule, stream_generate
 from .loading import load
 
 DEFAULT_PROMPT = "hello"
@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
         "'boundary:keep,...[;min=N][;norevive]' e.g. 0.3:0.7,0.6:0.7 (depth fractions) or "
-        "9:0.7,18:0.5 (layers). Default: the model's stored schedule, else 'default'.",
+        "9:0.7,18:0.5 (layers). Default: the model's stored schedule, else its family's calibrated "
+        "preset ('safe' for Gemma 3), else 'default'.",
     )
     parser.add_argument(
         "--compare", action="store_true", help="Run baseline and lazy on the same prompt"
@@ -94,8 +95,7 @@ def resolve_schedule(model, name: str | None) -> LazyConfig | None:
     if name == "off":
         return None
     if name is None:
-        stored = getattr(model, "lazyllm_schedule", None)
-        return as_config(stored) if stored is not None else LazyConfig.preset("default")
+        return default_schedule(model)
     return LazyConfig.parse(name)
 
 

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Default LazyLLM schedule (a preset, a schedule string, or 'off' for plain mlx-lm); "
         'a request may choose its own with the extra field "lazy". Default: the model\'s '
-        "stored schedule, else 'default'.",
+        "stored schedule, else its family's calibrated preset ('safe' for Gemma 3), else "
+        "'default'.",
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens")
     parser.add_argument("--temp", type=float, default=0.0, help="Default temperature")

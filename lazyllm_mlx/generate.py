@@ -20,9 +20,9 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
-from .config import LazyConfig, as_config
+from .config import LazyConfig, as_config, family_default
 from .engine import LazyStats, lazy_forward
-from .families import family_of
+from .families import family_of, model_type_of
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -55,6 +55,13 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
         )
     family = family_of(model)
     return LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
+
+
+def default_schedule(model: nn.Module) -> LazyConfig:
+    """The schedule to run `model` with when none is asked for: the one stored with it by
+    `convert --schedule`, else the preset calibrated for its family, else `default`."""
+    stored = getattr(model, "lazyllm_schedule", None)
+    return as_config(stored) if stored is not None else family_default(model_type_of(model))
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -1,9 +1,11 @@
 """LazyConfig: presets, the one-line syntax, validation, resolution and the prefill arithmetic."""
 
-from lazyllm_mlx import LazyConfig
+from lazyllm_mlx import LazyConfig, default_schedule
+from lazyllm_mlx.cmd_generate import resolve_schedule
 from lazyllm_mlx.config import Schedule, as_config
 
 import pytest
+from tiny_models import tiny_model
 
 
 def test_presets():
@@ -74,3 +76,12 @@ def test_prefill_fraction_arithmetic():
     assert schedule.present_counts(1000) == [1000, 700, 490, 343]
     expected = (1000 * 9 + 700 * 9 + 490 * 9 + 343 * 3) / (1000 * 30)
     assert schedule.prefill_fraction(1000) == pytest.approx(expected)
+
+
+def test_a_model_runs_its_stored_schedule_else_its_family_preset_else_default():
+    gemma, llama = tiny_model("gemma3_text"), tiny_model("llama")
+    assert default_schedule(gemma) == LazyConfig.preset("safe")
+    assert default_schedule(llama) == resolve_schedule(llama, None) == LazyConfig.preset("default")
+    object.__setattr__(gemma, "lazyllm_schedule", {"boundaries": [2], "keep": [0.5]})
+    assert resolve_schedule(gemma, None) == LazyConfig(boundaries=(2,), keep=(0.5,))
+    assert resolve_schedule(gemma, "default") == LazyConfig.preset("default")
