@@ -36,6 +36,8 @@ def test_timed_steps_counts_deferred_work_only_with_revival():
     assert sum(computed) > 5 * layers  # decoding revived pruned tokens
     costs = profile.layer_row_costs(model, rows=(1, 3), repeats=2)
     assert list(costs) == [1, 3] and all(c > 0 for c in costs.values())
+    attention = profile.attention_row_costs(model, 40, rows=(1, 3), repeats=2)
+    assert list(attention) == [1, 3] and all(a > 0 and s > 0 for a, s in attention.values())
 
 
 def test_stage_breakdown_counts_the_tokens_each_stage_computes():

@@ -64,20 +64,56 @@ def by_deferred(deferred: list[int], times: list[float]) -> list[tuple[str, int,
     return rows
 
 
+def median_seconds(fn, *inputs, repeats: int) -> float:
+    """Median wall time of `fn(*inputs)` (which evaluates its result), after one warm-up call."""
+    fn(*inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*inputs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def layer_row_costs(model, rows=(1, 2, 4, 8, 16), repeats: int = 50) -> dict[int, float]:
     """Median seconds of one decoder layer on `rows` tokens (no cache): what one more token in a
     decode step costs per layer, before any attention over the context."""
     layer, hidden = model.layers[0], model.args.hidden_size
+
+    def run(x, mask):
+        mx.eval(layer(x, mask))
+
     costs = {}
     for n in rows:
         x = mx.random.normal((1, n, hidden), key=mx.random.key(n))
-        mx.eval(layer(x, None if n == 1 else "causal"))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            mx.eval(layer(x, None if n == 1 else "causal"))
-            times.append(time.perf_counter() - start)
-        costs[n] = statistics.median(times)
+        costs[n] = median_seconds(run, x, None if n == 1 else "causal", repeats=repeats)
+    return costs
+
+
+def attention_row_costs(
+    model, context: int, rows=(1, 2, 4, 8, 16), repeats: int = 50
+) -> dict[int, tuple[float, float]]:
+    """Median seconds of the attention of `rows` queries over `context` keys (the fused kernel
+    with a boolean mask, as revival decoding calls it) and of the softmax of its scores alone."""
+    args = model.args
+    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
+    dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    keys = mx.random.normal((1, kv_heads, context, dim), key=mx.random.key(0))
+    values = mx.random.normal((1, kv_heads, context, dim), key=mx.random.key(1))
+
+    def attend(queries, mask):
+        mx.eval(mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask))
+
+    costs = {}
+    for n in rows:
+        queries = mx.random.normal((1, heads, n, dim), key=mx.random.key(n))
+        mask = mx.random.uniform(shape=(n, context), key=mx.random.key(n + 1)) < 0.7
+        scores = mx.random.normal((1, heads, n, context), key=mx.random.key(n + 2))
+        mx.eval(keys, values, queries, mask, scores)
+        costs[n] = (
+            median_seconds(attend, queries, None if n == 1 else mask, repeats=repeats),
+            median_seconds(lambda x: mx.eval(mx.softmax(x, axis=-1)), scores, repeats=repeats),
+        )
     return costs
 
 
@@ -191,6 +227,15 @@ def main() -> None:
         + "/".join(f"{c * 1e3:.2f}" for c in row_costs.values())
         + " ms"
     )
+    context = revive.resolve(num_layers).present_counts(args.tokens)[-1 if revive.boundaries else 0]
+    attention = attention_row_costs(model, context)
+    print(
+        f"attention of 1/2/4/8/16 queries over {context} keys: "
+        + "/".join(f"{a * 1e3:.2f}" for a, _ in attention.values())
+        + " ms, of which the softmax "
+        + "/".join(f"{s * 1e3:.2f}" for _, s in attention.values())
+        + " ms"
+    )
     breakdown = {}
     for name in ("revival", "norevive"):
         breakdown[name] = stage_breakdown(model, prompt, runs[name], args.max_tokens)
@@ -225,6 +270,7 @@ def main() -> None:
             "layer_seconds_by_rows": row_costs,
             "decode_tps_first_n": speeds,
             "stage_breakdown": breakdown,
+            "attention_seconds_by_rows": {"context": context, "attention_softmax": attention},
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
