@@ -200,6 +200,34 @@ class AuxStore:
         return self.waiting(stage).sum() * row_bytes
 
 
+class ObservedQueries:
+    """The observation window of one boundary: the rotated queries of the sequence's last
+    `width` tokens at the layer that ranks tokens for it. Recent tokens are always kept, so each
+    was computed at that layer once, and its query is kept here until it leaves the window."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.positions = mx.zeros((0,), dtype=mx.int32)
+        self.queries: mx.array | None = None  # (1, H, size, D)
+
+    @property
+    def size(self) -> int:
+        return self.positions.shape[0]
+
+    def extend(self, positions: mx.array, queries: mx.array) -> None:
+        """Add queries (1, H, n, D) of tokens after every held one; keep the last `width`."""
+        if self.queries is not None:
+            positions = mx.concatenate([self.positions, positions])
+            queries = mx.concatenate([self.queries, queries], axis=2)
+        self.positions = positions[-self.width :]
+        self.queries = queries[..., -self.width :, :]
+
+    def keep_before(self, position: int) -> None:
+        held = int((self.positions < position).sum().item())
+        self.positions = self.positions[:held]
+        self.queries = None if held == 0 else self.queries[..., :held, :]
+
+
 @dataclass
 class LazyCache:
     """Everything LazyLLM keeps between calls: pass it back to continue a conversation."""
@@ -208,6 +236,7 @@ class LazyCache:
     schedule: Schedule
     stages: list[StageStore] = field(default_factory=list)
     aux: list[AuxStore | None] = field(default_factory=list)  # aux[k] feeds stage k; aux[0] None
+    observed: list[ObservedQueries | None] = field(default_factory=list)  # ranks for boundary k
     offset: int = 0  # tokens processed so far = the next token's position
     position_capacity: int = 0
 
@@ -224,7 +253,8 @@ class LazyCache:
             scoring = scoring_layer(first, windows) if schedule.boundaries else None
             stages[0].keep_last = [None if i == scoring else windows[i] for i in first]
         aux = [None] + [AuxStore() for _ in schedule.boundaries]
-        return cls(config=config, schedule=schedule, stages=stages, aux=aux)
+        observed = [None] + [ObservedQueries(config.window) for _ in schedule.boundaries]
+        return cls(config=config, schedule=schedule, stages=stages, aux=aux, observed=observed)
 
     def reserve_positions(self, count: int) -> None:
         needed = self.offset + count
@@ -248,6 +278,8 @@ class LazyCache:
                 store.keep_before(self.offset)
             for aux in self.aux[1:]:
                 aux.keep_before(self.offset)
+            for window in self.observed[1:]:
+                window.keep_before(self.offset)
         return num_tokens
 
     @property
@@ -259,6 +291,8 @@ class LazyCache:
             arrays += [store.positions, store.index_of]
         for aux in self.aux[1:]:
             arrays += [aux.positions, aux.row_of] + ([aux.hidden] if aux.hidden is not None else [])
+        for window in self.observed[1:]:
+            arrays += [window.positions] + ([window.queries] if window.queries is not None else [])
         return arrays
 
     def kv_bytes(self) -> int:

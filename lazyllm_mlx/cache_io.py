@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import LazyCache, StageStore
+from .cache import LazyCache, ObservedQueries, StageStore
 from .config import LazyConfig
 from .families import family_of
 
@@ -57,6 +57,10 @@ def save_lazy_cache(
         if aux is not None and aux.hidden is not None:
             arrays[f"aux{k}.positions"] = aux.positions[: aux.size]
             arrays[f"aux{k}.hidden"] = aux.hidden[: aux.size]
+    for k, window in enumerate(cache.observed):
+        if window is not None and window.queries is not None:
+            arrays[f"observed{k}.positions"] = window.positions
+            arrays[f"observed{k}.queries"] = window.queries
     header = dict(
         format=FORMAT,
         model=model_fingerprint(model),
@@ -117,10 +121,25 @@ def load_lazy_cache(
         for k, aux in enumerate(cache.aux):
             if aux is not None and f"aux{k}.hidden" in arrays:
                 aux.append(arrays[f"aux{k}.positions"], arrays[f"aux{k}.hidden"])
+        for k, window in enumerate(cache.observed):
+            if window is not None and f"observed{k}.queries" in arrays:
+                _restore_window(window, k, arrays, cache.offset)
     except (KeyError, ValueError, IndexError) as error:
         raise ValueError(f"{path}: corrupt prompt cache ({error})") from None
     mx.eval(cache.state)
     return cache, header.get("user", {})
+
+
+def _restore_window(
+    window: ObservedQueries, k: int, arrays: dict[str, mx.array], offset: int
+) -> None:
+    positions, queries = arrays[f"observed{k}.positions"], arrays[f"observed{k}.queries"]
+    held = positions.shape[0]
+    if queries.ndim != 4 or queries.shape[2] != held or held > window.width:
+        raise ValueError(f"observation window {k} holds {held} positions for {queries.shape}")
+    if held and not (0 <= positions.min().item() and positions.max().item() < offset):
+        raise ValueError(f"observation window {k} holds positions outside 0..{offset - 1}")
+    window.extend(positions.astype(mx.int32), queries)
 
 
 def _restore_stage(

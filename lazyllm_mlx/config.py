@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 # Boundaries below 1.0 are fractions of the model's depth (model-independent presets); integers
@@ -29,11 +29,15 @@ FAMILY_PRESETS: dict[str, str] = {"gemma3_text": "safe"}
 
 @dataclass(frozen=True)
 class Schedule:
-    """A LazyConfig resolved for one model: absolute boundary layers and their keep fractions."""
+    """A LazyConfig resolved for one model: absolute boundary layers, what each keeps (fractions
+    of the tokens present, or token budgets above 1), and the tokens every boundary keeps: the
+    first `sink` ones and the last `recent` ones (at least the observation window)."""
 
     num_layers: int
     boundaries: tuple[int, ...]
     keep: tuple[float, ...]
+    sink: int = 0
+    recent: int = 1
 
     @property
     def stages(self) -> list[range]:
@@ -43,9 +47,14 @@ class Schedule:
     def present_counts(self, num_tokens: int) -> list[int]:
         """Tokens computed in each stage of a fresh prefill of `num_tokens` tokens."""
         counts = [num_tokens]
+        forced = self.forced_count(num_tokens)
         for keep in self.keep:
-            counts.append(kept_count(counts[-1], keep))
+            counts.append(boundary_count(counts[-1], keep, forced))
         return counts
+
+    def forced_count(self, num_tokens: int) -> int:
+        """How many of a `num_tokens` sequence's tokens every boundary keeps (sinks, recent)."""
+        return min(num_tokens, self.sink + self.recent)
 
     def prefill_fraction(self, num_tokens: int) -> float:
         """Prompt token-layers a fresh prefill computes, over num_tokens × num_layers."""
@@ -54,8 +63,16 @@ class Schedule:
 
 
 def kept_count(present: int, keep: float) -> int:
-    """Tokens kept out of `present` at a boundary: ceil(keep × present), at least the last token."""
+    """Tokens kept out of `present` at a boundary: ceil(keep × present), at least the last token;
+    a keep above 1 is a budget in tokens."""
+    if keep > 1:
+        return min(present, int(keep))
     return min(present, max(1, math.ceil(round(keep * present, 6))))
+
+
+def boundary_count(present: int, keep: float, forced: int) -> int:
+    """Tokens a boundary selects: what `keep` asks, or more when more must always be kept."""
+    return max(kept_count(present, keep), min(present, forced))
 
 
 @dataclass(frozen=True)
@@ -64,12 +81,21 @@ class LazyConfig:
 
     boundaries: layers where a new stage starts, increasing; floats in (0, 1) are fractions of the
         model's depth, integers are layer indices.
-    keep: fraction of the tokens present before each boundary that go on past it, in (0, 1].
+    keep: what goes on past each boundary: a fraction in (0, 1] of the tokens present before it,
+        or a budget in tokens (an integer above 1).
     revive: decode with revival (selection from layer 0 for every new token, pruned tokens resume
         from the aux cache); False attends to whatever KV each layer holds, which decodes faster.
     min_prompt_tokens: contexts shorter than this are not pruned at all (pruning would not pay).
-    selection: "attention" (LazyLLM) or "random" (a reference method for evaluations: the same
-        counts, tokens drawn at random instead of by the last token's attention).
+    selection: "attention" (ranked by attention) or "random" (a reference method for evaluations:
+        the same counts, tokens drawn at random).
+
+    How attention ranks the tokens (the paper's rule: window 1, pool 1, heads "mean", no sinks):
+    window: the last `window` tokens' queries observe (W = 1: the last token's row), each
+        attending causally; their attention probabilities are averaged.
+    pool: scores averaged over `pool` neighbouring positions (odd; 1: none), so spans survive whole.
+    heads: how the query heads' scores combine: "mean" or "max".
+    sink / recent: the first `sink` and last `recent` tokens are always kept (the last `window`
+        tokens and the last token always are).
     """
 
     boundaries: tuple[float, ...] = ()
@@ -77,6 +103,11 @@ class LazyConfig:
     revive: bool = True
     min_prompt_tokens: int = 0
     selection: str = "attention"
+    window: int = 1
+    pool: int = 1
+    heads: str = "mean"
+    sink: int = 0
+    recent: int = 0
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,10 +123,12 @@ class LazyConfig:
 
     @classmethod
     def parse(cls, text: str) -> LazyConfig:
-        """A preset name or `boundary:keep,...`, then options `;min=N`, `;norevive`, `;random`.
+        """A preset name or `boundary:keep,...`, then options separated by `;`.
 
-        Examples: `paper`, `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth),
-        `9:0.7,18:0.5;min=512` (layer indices), `paper;norevive`.
+        Options: `min=N`, `norevive`, `random`, and the ranking rule's `w=N` (observation window),
+        `pool=N`, `heads=mean|max`, `sink=N`, `recent=N`. Examples: `paper`,
+        `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth), `9:0.7,18:0.5;min=512` (layer
+        indices), `0.25:1024;w=16;pool=7` (a budget of 1024 tokens), `paper;norevive`.
         """
         head, *options = [part.strip() for part in text.strip().split(";")]
         if head in PRESETS:
@@ -103,12 +136,15 @@ class LazyConfig:
         else:
             kwargs = dict(zip(("boundaries", "keep"), _parse_pairs(head, text)))
         for option in options:
+            key, sep, value = option.partition("=")
             if option == "norevive":
                 kwargs["revive"] = False
             elif option == "random":
                 kwargs["selection"] = "random"
-            elif option.startswith("min="):
-                kwargs["min_prompt_tokens"] = int(_parse_number(option[4:], text))
+            elif sep and key == "heads":
+                kwargs["heads"] = value.strip()
+            elif sep and key in _INT_OPTIONS:
+                kwargs[_INT_OPTIONS[key]] = _parse_int(value, option, text)
             else:
                 raise ValueError(f"Unknown schedule option {option!r} in {text!r}.")
         if options:
@@ -117,13 +153,17 @@ class LazyConfig:
 
     def to_string(self) -> str:
         items = ",".join(f"{b:g}:{k:g}" for b, k in zip(self.boundaries, self.keep))
-        if self.min_prompt_tokens:
-            items += f";min={self.min_prompt_tokens}"
+        defaults = LazyConfig()
+        for key, attr in _INT_OPTIONS.items():
+            if getattr(self, attr) != getattr(defaults, attr):
+                items += f";{key}={getattr(self, attr)}"
+        if self.heads != defaults.heads:
+            items += f";heads={self.heads}"
         if not self.revive:
             items += ";norevive"
         if self.selection != "attention":
             items += f";{self.selection}"
-        return items or "none"
+        return items if items and not items.startswith(";") else "none" + items
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,8 +172,7 @@ class LazyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LazyConfig:
-        known = {"boundaries", "keep", "revive", "min_prompt_tokens", "selection", "name"}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"Unknown LazyConfig fields: {sorted(unknown)}")
         return cls(**d)
@@ -147,8 +186,11 @@ class LazyConfig:
                 f"Schedule has {len(self.boundaries)} boundaries but {len(self.keep)} keep values."
             )
         for k in self.keep:
-            if not (0.0 < k <= 1.0) or math.isnan(k):
-                raise ValueError(f"Keep fraction {k} is out of range: it must be in (0, 1].")
+            if math.isnan(k) or k <= 0.0 or (k > 1.0 and k != int(k)):
+                raise ValueError(
+                    f"Keep {k:g} is out of range: a fraction in (0, 1] or a whole number of "
+                    "tokens above 1."
+                )
         kinds = {_boundary_kind(b) for b in self.boundaries}
         if len(kinds) > 1:
             raise ValueError(
@@ -160,9 +202,18 @@ class LazyConfig:
             raise ValueError("min_prompt_tokens must be >= 0.")
         if self.selection not in ("attention", "random"):
             raise ValueError(f"selection must be 'attention' or 'random', not {self.selection!r}.")
+        if self.window < 1:
+            raise ValueError(f"The observation window must be at least 1 token, not {self.window}.")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool must be an odd number of positions (1: none), not {self.pool}.")
+        if self.heads not in ("mean", "max"):
+            raise ValueError(f"heads must be 'mean' or 'max', not {self.heads!r}.")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError("sink and recent must be >= 0 tokens.")
 
     def resolve(self, num_layers: int) -> Schedule:
-        """Absolute boundaries for a model with `num_layers` layers; keep-1.0 boundaries dropped."""
+        """Absolute boundaries for a model with `num_layers` layers; boundaries keeping every token
+        (keep 1.0) dropped."""
         layers = [b if isinstance(b, int) else round(b * num_layers) for b in self.boundaries]
         for given, layer in zip(self.boundaries, layers):
             if not 1 <= layer < num_layers:
@@ -175,11 +226,13 @@ class LazyConfig:
                 f"Boundaries {self.boundaries} collapse to layers {layers} on a {num_layers}-layer "
                 "model: the model has too few layers for this schedule."
             )
-        pairs = [(b, k) for b, k in zip(layers, self.keep) if k < 1.0]
+        pairs = [(b, k) for b, k in zip(layers, self.keep) if k != 1.0]
         return Schedule(
             num_layers=num_layers,
             boundaries=tuple(b for b, _ in pairs),
             keep=tuple(k for _, k in pairs),
+            sink=self.sink,
+            recent=max(1, self.window, self.recent),
         )
 
 
@@ -207,6 +260,25 @@ def _parse_pairs(head: str, text: str) -> tuple[tuple[float, ...], tuple[float, 
         boundaries.append(_parse_boundary(b, text))
         keep.append(_parse_number(k, text))
     return tuple(boundaries), tuple(keep)
+
+
+# Integer schedule options: their name in schedule strings -> LazyConfig field.
+_INT_OPTIONS = {
+    "min": "min_prompt_tokens",
+    "w": "window",
+    "pool": "pool",
+    "sink": "sink",
+    "recent": "recent",
+}
+
+
+def _parse_int(s: str, option: str, text: str) -> int:
+    try:
+        return int(s.strip())
+    except ValueError:
+        raise ValueError(
+            f"Bad option {option!r} in schedule {text!r}: expected a whole number."
+        ) from None
 
 
 def _parse_number(s: str, text: str) -> float:

@@ -21,10 +21,17 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import LazyCache, StageStore
-from .config import kept_count
+from .cache import LazyCache, ObservedQueries, StageStore
+from .config import boundary_count
 from .families import Family
-from .pruning import last_row_attention, scoring_layer, select_top, split_top
+from .pruning import (
+    always_kept,
+    pool_by_position,
+    scoring_layer,
+    select_top,
+    split_top,
+    window_attention,
+)
 from .rope import Recorder
 
 _FAR = 1 << 30  # added to positions to sort "not wanted" entries last
@@ -43,7 +50,6 @@ class LazyStats:
     revived: int = 0  # tokens resumed from an aux cache
     pruned: bool = False  # whether this request pruned anything
     prefill_tokens_per_layer: list[int] = field(default_factory=list)
-    decode_attended_per_layer: list[int] = field(default_factory=list)  # summed over steps
     aux_bytes: int = 0
 
     @property
@@ -124,52 +130,83 @@ def _mask(query_pos, key_pos, window, keys_allowed, causal_suffix: bool, single_
     return allowed
 
 
-def _score_row(
+def _score(
     family: Family,
+    cache: LazyCache,
     layer: int,
-    recorder: Recorder,
     view: LayerView,
-    selection: str,
+    window: ObservedQueries,
+    key_pos: mx.array,
     keys_allowed: mx.array | None,
 ) -> mx.array:
-    if selection == "random":  # reference method: same counts, no information
+    """Rank the keys `view` fetched (at positions key_pos) by the observation window's attention.
+
+    Sliding-window layers are scored without their window: importance over every candidate.
+    Unselected keys are masked out of the softmax (head averages depend on the normalisation)
+    and rank below every selected key.
+    """
+    config = cache.config
+    if config.selection == "random":  # reference method: same counts, no information
         key = mx.random.key(view.key_end * 1009 + layer)
         scores = mx.random.uniform(shape=(view.fetched_keys.shape[2],), key=key)
-        return scores if keys_allowed is None else mx.where(keys_allowed, scores, -1.0)
+    else:
+        scores = window_attention(
+            window.queries,
+            view.fetched_keys,
+            family.scales[layer],
+            window.positions,
+            key_pos,
+            keys_allowed,
+            config.heads,
+        )
+        scores = pool_by_position(scores, key_pos, config.pool, cache.position_capacity)
+    return scores if keys_allowed is None else mx.where(keys_allowed, scores, -1.0)
+
+
+def _observe(
+    family: Family, layer: int, recorder: Recorder, window: ObservedQueries, positions, tail: int
+) -> None:
+    """Keep the rotated queries of the chunk's last `tail` tokens in the observation window."""
     if len(recorder.outputs) != 2:
         raise RuntimeError(
             f"{family.model_type}: expected the attention to apply RoPE to queries then keys "
             f"(2 calls), saw {len(recorder.outputs)}; this family is not supported by the engine."
         )
-    query = recorder.outputs[0][..., -1:, :]
-    # Sliding-window layers are scored without their window: importance over every candidate.
-    # Unselected keys are masked out of the softmax (head averages depend on the normalisation).
-    scores = last_row_attention(query, view.fetched_keys, family.scales[layer], keys_allowed)
-    if keys_allowed is not None:  # and rank below every selected key
-        scores = mx.where(keys_allowed, scores, -1.0)
-    return scores
+    window.extend(positions[-tail:], recorder.outputs[0][..., -tail:, :])
+
+
+@dataclass
+class _StageResult:
+    """What a stage hands to the next boundary: its tokens' outputs and the ranking."""
+
+    hidden: mx.array  # (1, n, hidden): the flight's outputs (the final stage: the last token's)
+    scores: mx.array | None  # the observation window's scores over the candidates
+    candidates: mx.array  # positions the scores rank
+    n_candidates: int  # how many of them are candidates (the others are masked out)
 
 
 def _run_stage(
     family: Family,
-    store: StageStore,
+    cache: LazyCache,
+    k: int,
     flight: _InFlight,
     attend: _Attend,
     score: bool,
     step_size: int,
-    in_order: bool,
     on_chunk: Callable[[int], None] | None,
-    selection: str = "attention",
-    final: bool = False,
-) -> tuple[mx.array, mx.array | None, mx.array, int]:
-    """Compute `flight` through the stage's layers.
+) -> _StageResult:
+    """Compute `flight` through stage k's layers.
 
-    Returns the hidden states, the last token's scores at the last layer (if `score`), the
-    positions those scores rank and how many candidates they cover. In the `final` stage only the
-    last token's output is needed: the others only leave KV behind, so the last token of a long
-    flight runs as a chunk of its own and the other chunks' outputs are never computed (as in
-    mlx-lm's prefill).
+    The rotated queries of the sequence's last tokens at the layer that ranks tokens for the next
+    boundary go to its observation window; with `score`, that window then ranks the candidates.
+    In the final stage only the last token's output is needed: the others only leave KV behind,
+    so the last token of a long flight runs as a chunk of its own and the other chunks' outputs
+    are never computed (as in mlx-lm's prefill).
     """
+    store = cache.stages[k]
+    final = k == len(cache.stages) - 1
+    observed = None if final else cache.observed[k + 1]
+    in_order = flight.first_position is not None or cache.offset == 0 or flight.count == 1
     start = store.append(flight.positions, flight.count, in_order, flight.first_position)
     keys_at = store.index_of[attend.selected] if attend.gather else None
     masked = attend.selected is not None and not attend.gather
@@ -177,6 +214,8 @@ def _run_stage(
     # rotating cache does (not the scoring layer: importance covers every candidate).
     window_slices = store.contiguous and attend.selected is None
     scorer = scoring_layer(store.layers, family.windows)
+    # The new tokens are the flight's last ones; the window observes the last of them.
+    observed_from = flight.count - min(cache.config.window, flight.new_count)
     outputs, scores = [], None
     split_last = final and flight.count > _SPLIT_MIN_TOKENS
     for c0, c1 in _chunks(flight.count, step_size, split_last):
@@ -195,10 +234,12 @@ def _run_stage(
         keys_allowed = attend.is_selected[key_pos] if masked else None
         causal_suffix = attend.selected is None and store.sorted
         single_last = c1 - c0 == 1 and last_chunk
+        observing = observed is not None and c1 > observed_from
         masks = {}
         for j, layer_index in enumerate(store.layers):
+            at_scorer = layer_index == scorer
+            scoring = score and last_chunk and at_scorer
             window = family.windows[layer_index]
-            scoring = score and last_chunk and layer_index == scorer
             begin = 0
             if window is not None and window_slices and not scoring:
                 begin = max(0, start + c0 - window + 1)
@@ -208,25 +249,28 @@ def _run_stage(
                 )
             view = LayerView(store, j, start + c0, offset, keys_at, key_end, begin)
             rope = family.ropes[layer_index]
-            rope.recorder = Recorder() if scoring else None
+            rope.recorder = Recorder() if observing and at_scorer else None
             x = family.layers[layer_index](x, masks[window, begin], cache=view)
-            if scoring:
-                scores = _score_row(
-                    family, layer_index, rope.recorder, view, selection, keys_allowed
-                )
+            if rope.recorder is not None:
+                tail = c1 - max(c0, observed_from)
+                _observe(family, layer_index, rope.recorder, observed, query_pos, tail)
                 rope.recorder = None
+            if scoring:
+                scores = _score(family, cache, layer_index, view, observed, key_pos, keys_allowed)
         needed = not final or last_chunk
         if needed:
             outputs.append(x)
         if on_chunk is not None:  # prefill: evaluate chunk by chunk to bound the graph and memory
             buffers = [b for b in store.keys + store.values if b is not None]
+            if observed is not None and observed.queries is not None:
+                buffers.append(observed.queries)
             mx.eval(*buffers, *([x] if needed else []))
             on_chunk((c1 - c0) * len(store.layers))
     hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
     if attend.gather:
-        return hidden, scores, attend.selected, attend.count
+        return _StageResult(hidden, scores, attend.selected, attend.count)
     n_candidates = attend.count if masked else store.size
-    return hidden, scores, store.positions[: store.size], n_candidates
+    return _StageResult(hidden, scores, store.positions[: store.size], n_candidates)
 
 
 # A separate last chunk reads every weight of the stage once more; that pays only when it saves
@@ -240,10 +284,21 @@ def _chunks(count: int, step: int, split_last: bool) -> list[tuple[int, int]]:
     return bounds + ([(end, count)] if end < count else [])
 
 
-def _prune_fresh(cache: LazyCache, k: int, flight: _InFlight, scores: mx.array) -> _InFlight:
+def _boundary_count(cache: LazyCache, k: int, n_candidates: int, end: int) -> int:
+    schedule = cache.schedule
+    return boundary_count(n_candidates, schedule.keep[k - 1], schedule.forced_count(end))
+
+
+def _always_kept(cache: LazyCache, positions: mx.array, end: int) -> mx.array:
+    return always_kept(positions, cache.schedule.sink, cache.schedule.recent, end)
+
+
+def _prune_fresh(
+    cache: LazyCache, k: int, flight: _InFlight, scores: mx.array, end: int
+) -> _InFlight:
     """Boundary of a fresh prefill: every candidate is in flight, in the order of the scores."""
-    count = kept_count(flight.count, cache.schedule.keep[k - 1])
-    kept, dropped = split_top(scores, count)
+    count = _boundary_count(cache, k, flight.count, end)
+    kept, dropped = split_top(scores, count, _always_kept(cache, flight.positions, end))
     if dropped.size:
         cache.aux[k].append(flight.positions[dropped], flight.hidden[0, dropped])
     return _InFlight(flight.positions[kept], flight.hidden[:, kept], count, None, count)
@@ -261,13 +316,14 @@ def _select_and_revive(
     scores: mx.array,
     candidates: mx.array,
     n_candidates: int,
+    end: int,
     stats: LazyStats,
 ) -> tuple[_InFlight, _Attend]:
     """Boundary in the general case: select, then gather what stage k must compute."""
     store, aux = cache.stages[k], cache.aux[k]
-    count = kept_count(n_candidates, cache.schedule.keep[k - 1])
-    # The last candidate is the last token (appended last), which select_top always keeps.
-    selected = candidates[select_top(scores, count)]
+    count = _boundary_count(cache, k, n_candidates, end)
+    # Masked-out candidates score -1 and the always-kept tokens are among the candidates.
+    selected = candidates[select_top(scores, count, _always_kept(cache, candidates, end))]
 
     in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
     in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
@@ -331,35 +387,38 @@ def lazy_forward(
         if progress is not None:
             progress(min(count - 1, count * done // max(1, planned)), count)
 
-    attend, scores, candidates, n_candidates = _Attend(), None, None, 0
+    attend, ranked = _Attend(), None
+    end = first + count
     last_stage = len(cache.stages) - 1
-    for k, store in enumerate(cache.stages):
+    for k in range(len(cache.stages)):
         if k > 0 and selecting:
             if fresh:
-                flight = _prune_fresh(cache, k, flight, scores)
+                flight = _prune_fresh(cache, k, flight, ranked.scores, end)
             else:
                 flight, attend = _select_and_revive(
-                    cache, k, flight, scores, candidates, n_candidates, stats
+                    cache,
+                    k,
+                    flight,
+                    ranked.scores,
+                    ranked.candidates,
+                    ranked.n_candidates,
+                    end,
+                    stats,
                 )
-        in_order = flight.first_position is not None or fresh or flight.count == 1
-        flight_hidden, scores, candidates, n_candidates = _run_stage(
+        ranked = _run_stage(
             family,
-            store,
+            cache,
+            k,
             flight,
             attend,
             score=selecting and k < last_stage,
             step_size=step_size,
-            in_order=in_order,
             on_chunk=on_chunk if not decoding else None,
-            selection=cache.config.selection,
-            final=k == last_stage,
         )
-        flight.hidden = flight_hidden
-        layers = len(store.layers)
+        flight.hidden = ranked.hidden
+        layers = len(cache.stages[k].layers)
         if decoding:
             stats.decode_token_layers += flight.count * layers
-            attended = attend.count if attend.selected is not None else store.size
-            _add_per_layer(stats.decode_attended_per_layer, k, cache, attended)
         else:
             stats.prefill_token_layers += flight.new_count * layers
             stats.revival_token_layers += (flight.count - flight.new_count) * layers

@@ -7,15 +7,25 @@ oracle for the engine's selections, KV contents, revivals and logits. Only for t
 from __future__ import annotations
 
 import lazyllm_mlx  # noqa: F401
-from lazyllm_mlx.config import Schedule, kept_count
+from lazyllm_mlx.config import LazyConfig, Schedule, boundary_count
 
 import mlx.core as mx
 import numpy as np
 
 
 class ReferenceLazyLLM:
-    def __init__(self, model, schedule: Schedule, windows: list[int | None] | None = None):
+    """`rule`: the LazyConfig whose ranking rule (window, pool, heads, sink, recent) to apply;
+    default the paper's (the last token's attention row, head mean)."""
+
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        windows: list[int | None] | None = None,
+        rule: LazyConfig | None = None,
+    ):
         self.model = model
+        self.rule = rule or LazyConfig()
         self.windows = windows or [None] * len(model.layers)
         self.layers = model.layers
         self.schedule = schedule
@@ -24,12 +34,13 @@ class ReferenceLazyLLM:
             for layer in stage:
                 self.stage_of[layer] = k
         self.kv = [dict() for _ in self.layers]  # layer -> {position: (k, v)}
+        self.queries = [dict() for _ in self.layers]  # layer -> {position: rotated query}
         self.aux = [dict() for _ in schedule.stages]  # stage -> {position: hidden}
         self.length = 0
         self.revived = 0
         self.selections: list[list[list[int]]] = []  # per call, per boundary: selected positions
 
-    def _layer(self, index, hidden, positions, attend, want_scores):
+    def _layer(self, index, hidden, positions, attend):
         """Run layer `index` for tokens `positions` (hidden: (n, D)) attending to `attend`."""
         layer = self.layers[index]
         attn = layer.self_attn
@@ -45,27 +56,44 @@ class ReferenceLazyLLM:
             q[i] = qi
             assert p not in self.kv[index], f"token {p} computed twice at layer {index}"
             self.kv[index][p] = (ki, v[i])
-        rep = attn.n_heads // attn.n_kv_heads
-        outs, scores = [], None
+            self.queries[index][p] = qi
+        outs = []
         window = self.windows[index]
-
-        def attention(i, keys_pos):
-            keys = mx.stack([self.kv[index][a][0] for a in keys_pos], axis=1)  # (Hkv, m, D)
-            qh = q[i].reshape(attn.n_kv_heads, rep, -1)
-            logits = (qh * attn.scale) @ keys.transpose(0, 2, 1)  # (Hkv, rep, m)
-            return mx.softmax(logits.astype(mx.float32), axis=-1)
-
         for i, p in enumerate(positions):
             keys_pos = [a for a in attend if a <= p and (window is None or a > p - window)]
             vals = mx.stack([self.kv[index][a][1] for a in keys_pos], axis=1)
-            outs.append((attention(i, keys_pos) @ vals).reshape(-1))
-            if want_scores and i == n - 1:  # importance over every candidate, window or not
-                candidates = [a for a in attend if a <= p]
-                probs = attention(i, candidates)
-                scores = dict(zip(candidates, np.array(probs.mean(axis=(0, 1))).tolist()))
+            outs.append((self._attention(index, p, keys_pos) @ vals).reshape(-1))
         h = hidden + attn.o_proj(mx.stack(outs))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, scores
+        return h
+
+    def _attention(self, index, p, keys_pos):
+        """Softmax probabilities (Hkv, rep, m) of token p's query at layer `index` over keys_pos."""
+        attn = self.layers[index].self_attn
+        keys = mx.stack([self.kv[index][a][0] for a in keys_pos], axis=1)  # (Hkv, m, D)
+        qh = self.queries[index][p].reshape(attn.n_kv_heads, attn.n_heads // attn.n_kv_heads, -1)
+        logits = (qh * attn.scale) @ keys.transpose(0, 2, 1)
+        return mx.softmax(logits.astype(mx.float32), axis=-1)
+
+    def _scores(self, index, attend):
+        """Each candidate's importance at layer `index`: the last `window` tokens' attention
+        (each over the candidates at or before it, window layer or not), averaged over them,
+        heads combined by mean or max, then averaged over `pool` neighbouring positions."""
+        rule = self.rule
+        observers = range(max(0, self.length - rule.window), self.length)
+        per_head = {a: 0.0 for a in attend}
+        for p in observers:
+            visible = [a for a in attend if a <= p]
+            probs = np.array(self._attention(index, p, visible)).reshape(-1, len(visible))
+            for a, column in zip(visible, probs.T):
+                per_head[a] = per_head[a] + column / len(observers)
+        reduce = np.max if rule.heads == "max" else np.mean
+        raw = {a: float(reduce(v)) for a, v in per_head.items()}
+        half = rule.pool // 2
+        return {
+            a: sum(raw.get(b, 0.0) for b in range(a - half, a + half + 1)) / rule.pool
+            for a in attend
+        }
 
     def step(self, tokens: list[int], revive: bool = True) -> mx.array:
         start = self.length
@@ -77,9 +105,9 @@ class ReferenceLazyLLM:
         selections = []
         for k, stage in enumerate(self.schedule.stages):
             if k > 0 and revive:
-                keep = kept_count(len(attend), self.schedule.keep[k - 1])
-                last = max(attend)
-                ranked = sorted(attend, key=lambda p: (p == last, scores[p]), reverse=True)
+                forced = self.schedule.forced_count(self.length)
+                keep = boundary_count(len(attend), self.schedule.keep[k - 1], forced)
+                ranked = sorted(attend, key=lambda p: (self._always(p), scores[p]), reverse=True)
                 selected = sorted(ranked[:keep])
                 selections.append(selected)
                 first_layer = stage[0]
@@ -104,15 +132,19 @@ class ReferenceLazyLLM:
             # older tokens), else from its last layer.
             scorer = max([layer for layer in stage if self.windows[layer] is None] or [stage[-1]])
             for layer in stage:
-                want = layer == scorer
-                h, layer_scores = self._layer(layer, h, todo, attend, want)
-                if want:
-                    scores = layer_scores
+                h = self._layer(layer, h, todo, attend)
+            if revive and k < len(self.schedule.stages) - 1:
+                scores = self._scores(scorer, attend)
             hidden = dict(zip(todo, h))
         self.selections.append(selections)
         last = max(todo)
         out = self.model.model.norm(hidden[last][None])
         return self.model.model.embed_tokens.as_linear(out)
+
+    def _always(self, p: int) -> bool:
+        """Whether p is always kept: a sink, or among the last `recent` (at least `window`)."""
+        recent = max(1, self.rule.window, self.rule.recent)
+        return p < self.rule.sink or p >= self.length - recent
 
     def tokens_per_layer(self) -> list[int]:
         return [len(d) for d in self.kv]

@@ -82,8 +82,8 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
     seen = []
     original = engine._select_and_revive
 
-    def spy(cache, k, flight, scores, candidates, n_candidates, stats):
-        flight_out, attend = original(cache, k, flight, scores, candidates, n_candidates, stats)
+    def spy(cache, k, flight, scores, candidates, n_candidates, *rest):
+        flight_out, attend = original(cache, k, flight, scores, candidates, n_candidates, *rest)
         seen.append((k, n_candidates, attend.selected.tolist(), cache.offset))
         return flight_out, attend
 

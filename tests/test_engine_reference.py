@@ -61,7 +61,36 @@ def test_engine_matches_reference(schedule, revive, variant, monkeypatch):
         assert stats.revived > 0, "the scenario should exercise revival"
 
 
-@pytest.mark.parametrize("schedule", ["paper", "2:0.5,5:0.6,8:0.5"])
+# The general ranking rule: observation windows that cross prefill chunks (16 tokens), pooling,
+# max over heads, sinks, recent tokens, token budgets, one cut or several.
+RULES = [
+    "2:0.5,5:0.6,8:0.5;w=12;pool=3;heads=max;sink=2",
+    "4:0.3;w=8;pool=5",
+    "paper;w=3;recent=5",
+    "3:12,6:8;w=4;pool=3",
+    "2:0.6,6:0.5;w=20;heads=max;sink=3;recent=24",
+]
+
+
+@pytest.mark.parametrize("variant", ["masked", "gathered"])
+@pytest.mark.parametrize("schedule", RULES)
+def test_engine_matches_reference_with_the_general_rule(schedule, variant, monkeypatch):
+    """The engine's window scoring, pooling, forced tokens and budgets against the literal rule,
+    through a chunked prefill and decode steps with revival."""
+    if variant == "gathered":
+        monkeypatch.setattr(engine, "_MASK_MAX_QUERIES", 0)
+    model = tiny_model("llama", num_hidden_layers=10)
+    config = LazyConfig.parse(schedule)
+    cache = make_lazy_cache(model, config)
+    reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
+    stats = prefill_and_decode_against(
+        reference, family_of(model), cache, random_prompt(40), revive=True
+    )
+    assert stats.revived == reference.revived
+    assert cache.observed[1].size == config.window
+
+
+@pytest.mark.parametrize("schedule", ["paper", "2:0.5,5:0.6,8:0.5", "paper;w=6;pool=3;sink=1"])
 def test_engine_matches_reference_with_sliding_windows(schedule):
     """Window layers alternating with global ones: a stage's tokens are ranked by its last global
     layer, window layers attend only inside their window (prompt and decode cross it)."""
@@ -69,7 +98,7 @@ def test_engine_matches_reference_with_sliding_windows(schedule):
     family = family_of(model)
     assert family.windows[:2] == [24, None]
     cache = make_lazy_cache(model, schedule)
-    reference = ReferenceLazyLLM(model, cache.schedule, family.windows)
+    reference = ReferenceLazyLLM(model, cache.schedule, family.windows, cache.config)
     stats = prefill_and_decode_against(reference, family, cache, random_prompt(60), revive=True)
     assert stats.revived == reference.revived > 0
 

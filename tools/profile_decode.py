@@ -133,13 +133,14 @@ def stage_breakdown(model, prompt, lazy, max_tokens: int) -> list[dict[str, floa
         selection[0] = time.perf_counter() - start
         return out
 
-    def timed_stage(family, store, flight, *args, **kwargs):
+    def timed_stage(family, cache, k, flight, *args, **kwargs):
         start = time.perf_counter()
-        out = run_stage(family, store, flight, *args, **kwargs)
-        mx.eval(*(x for x in out[:2] if x is not None))
-        if store.layers.start == 0:
+        out = run_stage(family, cache, k, flight, *args, **kwargs)
+        mx.eval(*(x for x in (out.hidden, out.scores) if x is not None))
+        layers = cache.stages[k].layers
+        if k == 0:
             calls.append([])
-        calls[-1].append((store.layers, flight.count, time.perf_counter() - start, selection[0]))
+        calls[-1].append((layers, flight.count, time.perf_counter() - start, selection[0]))
         selection[0] = 0.0
         return out
 
