@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from .config import split_schedules
+from .eval_baselines import BaselineStore
 from .eval_run import best_schedule, evaluate
 from .eval_tasks import TASKS
 from .loading import load
@@ -89,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Calibrate: run the schedules (default: a grid) without references and print the "
         "fastest whose mean accuracy is within POINTS of the baseline's",
     )
+    parser.add_argument(
+        "--baseline-cache",
+        metavar="DIR",
+        help="Reuse the baseline's outcomes stored in DIR and store new ones there: a new "
+        "schedule then costs only its own runs (TTFT × is then against the stored runs)",
+    )
     parser.add_argument("--json", metavar="PATH", help="Write the report as JSON")
     parser.add_argument("--plot", metavar="PATH", help="Draw accuracy vs TTFT speed-up (PNG)")
     parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
@@ -112,6 +119,12 @@ def print_table(report: dict[str, Any]) -> None:
     head += f"{'× none':>8}"
     for length in report["lengths"]:
         print(f"\n{length}-token prompts")
+        rows = [r for r in report["results"] if r["length"] == length]
+        if rows and rows[0].get("baselines_reused"):
+            print(
+                f"(baseline outcomes of {rows[0]['baselines_reused']} prompts reused from "
+                "--baseline-cache: TTFT × is against those earlier runs)"
+            )
         print(head)
         for r in (r for r in report["results"] if r["length"] == length):
             line = f"{r['method'][:27]:<28}{r['prefill_fraction']:>8.3f}"
@@ -157,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         references=not (args.no_references or searching),
         include_none=not (args.no_none or searching),
         log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+        baselines=BaselineStore(args.baseline_cache, model) if args.baseline_cache else None,
     )
     report = dict(
         model=args.model or "default (SmolLM2-135M-Instruct)",

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import LazyConfig, kept_count
+from .eval_baselines import BaselineStore
 from .eval_score import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
 from .eval_tasks import Task, build_tasks
 from .families import family_of
@@ -53,6 +54,7 @@ class Outcome:
     ttft: float
     logprobs: np.ndarray
     prefill_fraction: float
+    reused: bool = False  # a stored baseline outcome (eval_baselines), not a fresh run
 
 
 def static_config(
@@ -106,6 +108,19 @@ def build_methods(
     return unique
 
 
+def run_baseline(
+    model: Any, tokenizer: Any, task: Task, method: Method, store: BaselineStore | None
+) -> Outcome:
+    """The baseline's outcome: from `store` when it holds one, else run (and stored)."""
+    stored = store.get(task) if store is not None else None
+    if stored is not None:
+        return Outcome(prefill_fraction=1.0, reused=True, **stored)
+    outcome = run_once(model, tokenizer, task, method)
+    if store is not None:
+        store.put(task, outcome.tokens, outcome.text, outcome.ttft, outcome.logprobs)
+    return outcome
+
+
 def run_once(model: Any, tokenizer: Any, task: Task, method: Method) -> Outcome:
     tokens, texts, first = [], [], None
     response = None
@@ -132,6 +147,7 @@ def _record(task: Task, outcome: Outcome, base: Outcome) -> dict[str, Any]:
         first_token=float(outcome.tokens[:1] == base.tokens[:1]),
         kl=kl_divergence(base.logprobs, outcome.logprobs),
         continuation=prefix_fraction(base.tokens, outcome.tokens),
+        reused=outcome.reused,
     )
 
 
@@ -163,6 +179,7 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
         ttft_median=statistics.median(r["ttft"] for r in records),
         ttft_speedup=speedup(base),
         ttft_speedup_vs_none=speedup(none) if none is not None else None,
+        baselines_reused=sum(bool(b.get("reused")) for b in base),
         instances=records,
     )
 
@@ -193,8 +210,12 @@ def evaluate(
     references: bool = True,
     include_none: bool = True,
     log: Callable[[str], None] | None = _log,
+    baselines: BaselineStore | None = None,
 ) -> dict[str, Any]:
-    """Run every method on `num` prompts per task and length; returns the report (JSON-ready)."""
+    """Run every method on `num` prompts per task and length; returns the report (JSON-ready).
+
+    baselines: where to reuse and keep the baseline's outcomes (its TTFT then comes from the
+    run that stored it, so TTFT ratios against it are not interleaved)."""
     num_layers = family_of(model).num_layers
     chat = tokenizer.has_chat_template if chat is None else chat
     log = log or (lambda _: None)
@@ -211,7 +232,10 @@ def evaluate(
         for i, task in enumerate(prompts):
             base = None
             for method in methods:
-                outcome = run_once(model, tokenizer, task, method)
+                if method.family == "baseline":
+                    outcome = run_baseline(model, tokenizer, task, method, baselines)
+                else:
+                    outcome = run_once(model, tokenizer, task, method)
                 base = base or outcome  # the baseline runs first
                 record = _record(task, outcome, base)
                 record.update(task.meta)
