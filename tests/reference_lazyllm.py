@@ -59,7 +59,7 @@ class ReferenceLazyLLM:
             self.queries[index][p] = qi
         outs = []
         window = self.windows[index]
-        for i, p in enumerate(positions):
+        for p in positions:
             keys_pos = [a for a in attend if a <= p and (window is None or a > p - window)]
             vals = mx.stack([self.kv[index][a][1] for a in keys_pos], axis=1)
             outs.append((self._attention(index, p, keys_pos) @ vals).reshape(-1))
