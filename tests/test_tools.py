@@ -78,13 +78,15 @@ def test_benchmarks_md_tables():
             {"length": 1024, "method": "paper", "ttft": 4.46, "generation_tps": 6.1,
              "peak_memory_gb": 0.641, "speedup": 1.656, "ideal_speedup": 1.446,
              "measured_over_ideal": 1.145, "prefill_fraction": 0.692, "decode_vs_baseline": 0.516,
-             "total_speedup": 1.402},
+             "total_speedup": 1.402, "short_decode_tps": 5.2, "short_decode_vs_baseline": 0.44,
+             "short_total_speedup": 1.31},
         ],
     }  # fmt: skip
     lines = tables.bench_table(bench).splitlines()
     assert lines[-2].startswith("| 1024 | `baseline` | 7.40 |  |")
     assert lines[-1] == (
-        "| 1024 | `paper` | 4.46 | 1.66 | 1.45 | 1.15 | 0.692 | 6.1 | 0.52 | 1.40 | 0.641 |"
+        "| 1024 | `paper` | 4.46 | 1.66 | 1.45 | 1.15 | 0.692 | 5.2 | 0.44 | 6.1 | 0.52 | 1.31 "
+        "| 1.40 | 0.641 |"
     )
     report = {
         "command": "lazyllm-mlx eval", "num": 3, "seed": 0, "python": "3.11", "tasks": ["passkey"],
