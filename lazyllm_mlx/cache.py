@@ -203,12 +203,21 @@ class AuxStore:
 class ObservedQueries:
     """The observation window of one boundary: the rotated queries of the sequence's last
     `width` tokens at the layer that ranks tokens for it. Recent tokens are always kept, so each
-    was computed at that layer once, and its query is kept here until it leaves the window."""
+    was computed at that layer once, and its query is kept here until it leaves the window.
+
+    For a boundary ranking every token of a contiguous stage (the first), each query's attention
+    row over the keys never changes as keys are appended (it sees only keys before it), so the
+    rows are kept too: a decode step then computes one new row, not `width` of them. `rows` is a
+    ring (width, heads, capacity) indexed by position % width; positions rows_end - width …
+    rows_end - 1 hold their rows (earlier ring slots are zero or stale and never read).
+    """
 
     def __init__(self, width: int):
         self.width = width
         self.positions = mx.zeros((0,), dtype=mx.int32)
         self.queries: mx.array | None = None  # (1, H, size, D)
+        self.rows: mx.array | None = None
+        self.rows_end = 0
 
     @property
     def size(self) -> int:
@@ -222,10 +231,35 @@ class ObservedQueries:
         self.positions = positions[-self.width :]
         self.queries = queries[..., -self.width :, :]
 
+    def rows_needed(self, end: int) -> int:
+        """How many of the window's last queries (the window ending at position `end`) have
+        no kept row yet."""
+        held = min(self.width, end)
+        if self.rows is None or self.rows_end > end:
+            return held
+        return min(held, end - self.rows_end)
+
+    def put_rows(self, end: int, rows: mx.array, capacity: int) -> mx.array:
+        """Keep `rows` (n, H, N) of the queries at end - n … end - 1; returns the window's
+        per-head attention summed over its queries, (H, N)."""
+        n, heads, count = rows.shape
+        if self.rows is None or self.rows_end > end or self.rows.shape[1] != heads:
+            self.rows = mx.zeros((self.width, heads, _round_up(capacity)), dtype=mx.float32)
+        self.rows = _grow_rows(self.rows, capacity, axis=2)
+        slots = mx.arange(end - n, end, dtype=mx.int32) % self.width
+        width = self.rows.shape[2]
+        self.rows[slots] = mx.pad(rows, [(0, 0), (0, 0), (0, width - count)])
+        self.rows_end = end
+        return self.rows[: min(self.width, end)].sum(axis=0)[:, :count]
+
+    def forget_rows(self) -> None:
+        self.rows, self.rows_end = None, 0
+
     def keep_before(self, position: int) -> None:
         held = int((self.positions < position).sum().item())
         self.positions = self.positions[:held]
         self.queries = None if held == 0 else self.queries[..., :held, :]
+        self.forget_rows()
 
 
 @dataclass

@@ -26,11 +26,12 @@ from .config import boundary_count
 from .families import Family
 from .pruning import (
     always_kept,
+    combine_heads,
     pool_by_position,
     scoring_layer,
     select_top,
     split_top,
-    window_attention,
+    window_probabilities,
 )
 from .rope import Recorder
 
@@ -138,28 +139,40 @@ def _score(
     window: ObservedQueries,
     key_pos: mx.array,
     keys_allowed: mx.array | None,
+    rows_kept: bool,
 ) -> mx.array:
     """Rank the keys `view` fetched (at positions key_pos) by the observation window's attention.
 
     Sliding-window layers are scored without their window: importance over every candidate.
     Unselected keys are masked out of the softmax (head averages depend on the normalisation)
-    and rank below every selected key.
+    and rank below every selected key. rows_kept: the keys are every position before
+    view.key_end, in order, only ever appended to (the first stage): each query's attention row
+    is computed once and kept in the window (a decode step computes one row, not W).
     """
     config = cache.config
     if config.selection == "random":  # reference method: same counts, no information
         key = mx.random.key(view.key_end * 1009 + layer)
         scores = mx.random.uniform(shape=(view.fetched_keys.shape[2],), key=key)
-    else:
-        scores = window_attention(
-            window.queries,
+        return scores if keys_allowed is None else mx.where(keys_allowed, scores, -1.0)
+    scale = family.scales[layer]
+    if rows_kept:
+        end = view.key_end
+        n = window.rows_needed(end)
+        rows = window_probabilities(
+            window.queries[..., window.size - n :, :],
             view.fetched_keys,
-            family.scales[layer],
-            window.positions,
+            scale,
+            window.positions[window.size - n :],
             key_pos,
-            keys_allowed,
-            config.heads,
         )
-        scores = pool_by_position(scores, key_pos, config.pool, cache.position_capacity)
+        summed = window.put_rows(end, rows, cache.position_capacity)
+        scores = combine_heads(summed / min(window.width, end), config.heads)
+    else:
+        rows = window_probabilities(
+            window.queries, view.fetched_keys, scale, window.positions, key_pos, keys_allowed
+        )
+        scores = combine_heads(rows.mean(axis=0), config.heads)
+    scores = pool_by_position(scores, key_pos, config.pool, cache.position_capacity)
     return scores if keys_allowed is None else mx.where(keys_allowed, scores, -1.0)
 
 
@@ -214,6 +227,7 @@ def _run_stage(
     # rotating cache does (not the scoring layer: importance covers every candidate).
     window_slices = store.contiguous and attend.selected is None
     scorer = scoring_layer(store.layers, family.windows)
+    rows_kept = k == 0 and store.contiguous and attend.selected is None
     # The new tokens are the flight's last ones; the window observes the last of them.
     observed_from = flight.count - min(cache.config.window, flight.new_count)
     outputs, scores = [], None
@@ -256,7 +270,9 @@ def _run_stage(
                 _observe(family, layer_index, rope.recorder, observed, query_pos, tail)
                 rope.recorder = None
             if scoring:
-                scores = _score(family, cache, layer_index, view, observed, key_pos, keys_allowed)
+                scores = _score(
+                    family, cache, layer_index, view, observed, key_pos, keys_allowed, rows_kept
+                )
         needed = not final or last_chunk
         if needed:
             outputs.append(x)

@@ -34,21 +34,20 @@ def last_row_attention(
 _HIDDEN = -1e30  # a logit no key can beat: a row seeing no key stays finite (uniform, not NaN)
 
 
-def window_attention(
+def window_probabilities(
     queries: mx.array,
     keys: mx.array,
     scale: float,
     query_pos: mx.array,
     key_pos: mx.array,
     allowed: mx.array | None = None,
-    heads: str = "mean",
 ) -> mx.array:
-    """Softmax attention of W observing queries over N keys, averaged over the queries.
+    """Softmax attention rows of W observing queries over N keys: (W, H, N) float32.
 
     queries: (1, H, W, D) already rotated, at positions query_pos (W,); keys: (1, Hkv, N, D) at
-    key_pos (N,), H a multiple of Hkv (GQA). Each query sees the keys at or before its position
-    (and in `allowed`, an optional (N,) bool mask). Query heads combine by "mean" or "max".
-    Returns (N,) float32: zero where no query sees the key.
+    key_pos (N,), H a multiple of Hkv (GQA: each query head against its own KV head). Each query
+    sees the keys at or before its position (and in `allowed`, an optional (N,) bool mask); a key
+    it does not see gets 0.
     """
     _, n_heads, width, head_dim = queries.shape
     n_kv = keys.shape[1]
@@ -59,10 +58,29 @@ def window_attention(
     if allowed is not None:
         visible = visible & allowed[None, :]
     probs = mx.softmax(mx.where(visible, logits, _HIDDEN), axis=-1)
-    per_head = probs.mean(axis=3)
-    if heads == "max":
-        return per_head.max(axis=(0, 1, 2))
-    return per_head.mean(axis=(0, 1, 2))
+    probs = mx.where(visible, probs, 0.0)  # a query seeing no key adds nothing
+    return probs.reshape(n_heads, width, -1).swapaxes(0, 1)
+
+
+def combine_heads(per_head: mx.array, heads: str) -> mx.array:
+    """(H, N) per-head scores -> (N,): their mean, or their max."""
+    return per_head.max(axis=0) if heads == "max" else per_head.mean(axis=0)
+
+
+def window_attention(
+    queries: mx.array,
+    keys: mx.array,
+    scale: float,
+    query_pos: mx.array,
+    key_pos: mx.array,
+    allowed: mx.array | None = None,
+    heads: str = "mean",
+) -> mx.array:
+    """Softmax attention of W observing queries over N keys, averaged over the queries, query
+    heads combined by "mean" or "max" (see window_probabilities). Returns (N,) float32: zero
+    where no query sees the key."""
+    rows = window_probabilities(queries, keys, scale, query_pos, key_pos, allowed)
+    return combine_heads(rows.mean(axis=0), heads)
 
 
 def pool_by_position(scores: mx.array, positions: mx.array, kernel: int, capacity: int):
