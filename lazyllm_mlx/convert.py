@@ -90,7 +90,7 @@ def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any,
     if path.is_file():
         if not _is_gguf(path):
             raise ValueError(f"{path} is a file but not a GGUF model (give a .gguf or a folder)")
-        from .gguf_loader import load_gguf
+        from .gguf.loader import load_gguf
 
         dtype = dtype or GGUF_DEFAULT_DTYPE
         model, tokenizer, config = load_gguf(

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from ._platform import default_dtype
 from .default_model import default_model_path
-from .gguf_loader import load_gguf
+from .gguf.loader import load_gguf
 
 # What mlx-lm fetches for a hub id (weights, config, tokenizer, templates).
 _HUB_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt"]

@@ -8,7 +8,7 @@ import json
 import lazyllm_mlx  # noqa: F401  (OpenBLAS before mlx)
 from lazyllm_mlx import loading
 from lazyllm_mlx.default_model import default_model_path
-from lazyllm_mlx.gguf_loader import load_gguf
+from lazyllm_mlx.gguf.loader import load_gguf
 from lazyllm_mlx.loading import load
 
 import mlx.core as mx
@@ -220,7 +220,7 @@ def test_default_tokenizer_agrees_with_transformers_gguf_converter(smollm2):
     """An independent build of the same file. (That converter lacks SmolLM2's Digits pre-step, so
     it differs on newline-space runs before a digit; HF's tokenizer.json and llama.cpp have it.)"""
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    from lazyllm_mlx.gguf_reader import read_header
+    from lazyllm_mlx.gguf.reader import read_header
 
     meta = read_header(default_model_path()).metadata
     keys = mapping.GGUF_TOKENIZER_MAPPING["tokenizer"]

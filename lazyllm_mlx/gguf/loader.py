@@ -1,8 +1,8 @@
 """Load a llama.cpp GGUF file as an unmodified mlx-lm model plus its tokenizer.
 
-Tensors are read by `gguf_reader` and dequantized with `gguf.quants`. llama.cpp stores llama q/k
-weights permuted for its interleaved RoPE and Gemma norms as w+1: both are undone, so mlx-lm's own
-classes run unchanged.
+Tensors are read by `.reader` and dequantized with gguf-py's `gguf.quants`. llama.cpp stores
+llama q/k weights permuted for its interleaved RoPE and Gemma norms as w+1: both are undone, so
+mlx-lm's own classes run unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .gguf_reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
+from .reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
 
 # llama.cpp architecture -> (mlx-lm model_type, per-architecture tensor name overrides)
 ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
@@ -245,7 +245,7 @@ def load_gguf(
     """Load a GGUF file as `(model, tokenizer)` (plus the config with return_config), like
     `mlx_lm.load`. Weights are dequantized to `dtype` (default: float32 on CPU, float16 on GPU).
     `progress` shows a progress bar on stderr (default: when stderr is a terminal)."""
-    from .gguf_tokenizer import build_tokenizer
+    from .tokenizer import build_tokenizer
 
     header = read_header(path)
     arch = header.metadata.get("general.architecture")
