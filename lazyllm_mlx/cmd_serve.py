@@ -9,8 +9,7 @@ import sys
 from .cmd_generate import resolve_schedule
 from .families import family_of
 from .loading import load
-from .server import make_server
-from .server_generation import GenerationService
+from .server import GenerationService, make_server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

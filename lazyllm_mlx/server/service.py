@@ -19,11 +19,11 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.server import convert_chat
 
-from .config import LazyConfig, as_config
-from .engine import LazyStats
-from .generate import context_length, make_lazy_cache, stream_generate
-from .server_cache import PromptCaches, settle
-from .server_protocol import SERVER_DEFAULT, CompletionRequest, RequestError
+from ..config import LazyConfig, as_config
+from ..engine import LazyStats
+from ..generate import context_length, make_lazy_cache, stream_generate
+from .prompt_caches import PromptCaches, settle
+from .protocol import SERVER_DEFAULT, CompletionRequest, RequestError
 
 
 @dataclass

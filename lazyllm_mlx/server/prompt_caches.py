@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from .cache import LazyCache
+from ..cache import LazyCache
 
 
 def cache_offset(cache: Any) -> int:
