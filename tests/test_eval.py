@@ -6,8 +6,8 @@ import math
 from lazyllm_mlx import LazyConfig, cmd_eval
 from lazyllm_mlx.cli import main
 from lazyllm_mlx.config import split_schedules
-from lazyllm_mlx.eval_run import best_schedule, build_methods, static_config
-from lazyllm_mlx.eval_score import (
+from lazyllm_mlx.evals.run import best_schedule, build_methods, static_config
+from lazyllm_mlx.evals.scores import (
     contains_word,
     edit_similarity,
     exact_match,
@@ -18,8 +18,8 @@ from lazyllm_mlx.eval_score import (
     prefix_fraction,
     score_answer,
 )
-from lazyllm_mlx.eval_sources import read_source, stdlib_path
-from lazyllm_mlx.eval_tasks import TASKS, build_tasks, place
+from lazyllm_mlx.evals.sources import read_source, stdlib_path
+from lazyllm_mlx.evals.tasks import TASKS, build_tasks, place
 
 import numpy as np
 import pytest

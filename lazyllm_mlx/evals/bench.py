@@ -15,8 +15,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import LazyConfig
-from .generate import stream_generate
+from ..config import LazyConfig
+from ..generate import stream_generate
 
 
 def real_text_tokens(tokenizer, count: int) -> list[int]:

@@ -21,12 +21,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .config import LazyConfig, kept_count
-from .eval_baselines import BaselineStore
-from .eval_score import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
-from .eval_tasks import Task, build_tasks
-from .families import family_of
-from .generate import stream_generate
+from ..config import LazyConfig, kept_count
+from ..families import family_of
+from ..generate import stream_generate
+from .baselines import BaselineStore
+from .scores import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
+from .tasks import Task, build_tasks
 
 FAMILIES = ("baseline", "none", "lazy", "random", "static")
 
@@ -54,7 +54,7 @@ class Outcome:
     ttft: float
     logprobs: np.ndarray
     prefill_fraction: float
-    reused: bool = False  # a stored baseline outcome (eval_baselines), not a fresh run
+    reused: bool = False  # a stored baseline outcome (evals.baselines), not a fresh run
 
 
 def static_config(

@@ -1,6 +1,6 @@
 """Accuracy against TTFT speed-up (the Pareto plot) from an eval report; matplotlib is optional.
 
-`python -m lazyllm_mlx.eval_plot report.json out.png` redraws the plot from a saved report.
+`python -m lazyllm_mlx.evals.eval_plot report.json out.png` redraws the plot from a saved report.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m lazyllm_mlx.eval_plot report.json out.png", file=sys.stderr)
+        print("usage: python -m lazyllm_mlx.evals.eval_plot report.json out.png", file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as f:
         plot_report(json.load(f), argv[1])
