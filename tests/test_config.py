@@ -1,7 +1,7 @@
 """LazyConfig: presets, the one-line syntax, validation, resolution and the prefill arithmetic."""
 
 from lazyllm_mlx import LazyConfig, default_schedule
-from lazyllm_mlx.cmd_generate import resolve_schedule
+from lazyllm_mlx.cli.generate import resolve_schedule
 from lazyllm_mlx.config import Schedule, as_config
 
 import pytest

@@ -3,7 +3,8 @@
 import json
 import math
 
-from lazyllm_mlx import LazyConfig, cmd_eval
+import lazyllm_mlx.cli.eval as eval_command
+from lazyllm_mlx import LazyConfig
 from lazyllm_mlx.cli import main
 from lazyllm_mlx.config import split_schedules
 from lazyllm_mlx.evals.run import best_schedule, build_methods, static_config
@@ -227,7 +228,7 @@ def test_best_schedule_is_the_fastest_within_the_target():
 def test_eval_command_smoke(tmp_path, capsys, monkeypatch, tokenizer):
     """The whole command on a tiny random llama with the real tokenizer (fast, same code path)."""
     model = tiny_model("llama", vocab_size=len(tokenizer.vocab))
-    monkeypatch.setattr(cmd_eval, "load", lambda path: (model, tokenizer))
+    monkeypatch.setattr(eval_command, "load", lambda path: (model, tokenizer))
     out = tmp_path / "eval.json"
     argv = ["eval", "--lengths", "320", "--num", "1", "--max-tokens", "2", "--quiet"]
     argv += ["--schedules", "paper", "--json", str(out)]

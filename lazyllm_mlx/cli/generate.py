@@ -12,9 +12,9 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from .config import LazyConfig
-from .generate import default_schedule, stream_generate
-from .loading import load
+from ..config import LazyConfig
+from ..generate import default_schedule, stream_generate
+from ..loading import load
 
 DEFAULT_PROMPT = "hello"
 
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_cache_file:
         if args.compare:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
-        from .cmd_cache_prompt import continue_from_file
+        from .cache_prompt import continue_from_file
 
         model, tokenizer, lazy, tokens, cache = continue_from_file(args, text)
     else:

@@ -17,13 +17,13 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import LazyCache
-from .cache_io import load_lazy_cache, read_cache_header, save_lazy_cache
-from .cmd_generate import progress_bar, read_prompt, resolve_schedule
-from .config import LazyConfig
-from .engine import LazyStats
-from .generate import check_request, generate_step, make_lazy_cache
-from .loading import load
+from ..cache import LazyCache
+from ..cache_io import load_lazy_cache, read_cache_header, save_lazy_cache
+from ..config import LazyConfig
+from ..engine import LazyStats
+from ..generate import check_request, generate_step, make_lazy_cache
+from ..loading import load
+from .generate import progress_bar, read_prompt, resolve_schedule
 
 QUERY_MARK = "<query>"
 

@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from .cmd_generate import resolve_schedule
-from .families import family_of
-from .loading import load
-from .server import GenerationService, make_server
+from ..families import family_of
+from ..loading import load
+from ..server import GenerationService, make_server
+from .generate import resolve_schedule
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

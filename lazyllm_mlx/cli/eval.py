@@ -15,11 +15,11 @@ import shlex
 import sys
 from typing import Any
 
-from .config import split_schedules
-from .evals.baselines import BaselineStore
-from .evals.run import best_schedule, evaluate
-from .evals.tasks import TASKS
-from .loading import load
+from ..config import split_schedules
+from ..evals.baselines import BaselineStore
+from ..evals.run import best_schedule, evaluate
+from ..evals.tasks import TASKS
+from ..loading import load
 
 # Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
 # the `default` layout (a first half unpruned) at a milder and its own keep.
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         schedules = split_schedules(args.schedules)
     if args.plot:
-        from .evals.eval_plot import require_matplotlib
+        from ..evals.eval_plot import require_matplotlib
 
         require_matplotlib()  # before the long run, not after it
     model, tokenizer = load(args.model)
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
     if args.plot:
-        from .evals.eval_plot import plot_report
+        from ..evals.eval_plot import plot_report
 
         plot_report(report, args.plot)
     return 0

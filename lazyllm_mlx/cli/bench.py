@@ -9,9 +9,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import LazyConfig, split_schedules
-from .evals.bench import format_table, run_bench
-from .loading import load
+from ..config import LazyConfig, split_schedules
+from ..evals.bench import format_table, run_bench
+from ..loading import load
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
           f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
     print(format_table(rows))
     if args.plot_dir:
-        from .evals.plots import plot_speedup, plot_tokens_per_layer
+        from ..evals.plots import plot_speedup, plot_tokens_per_layer
 
         out = Path(args.plot_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import LazyConfig
-from .convert import DTYPES, convert
+from ..config import LazyConfig
+from ..convert import DTYPES, convert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
