@@ -64,6 +64,16 @@ def default_schedule(model: nn.Module) -> LazyConfig:
     return as_config(stored) if stored is not None else family_default(model_type_of(model))
 
 
+def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:
+    """The schedule a command line names: "off" is plain mlx-lm (None), None the model's
+    default_schedule, anything else a preset or schedule string."""
+    if name == "off":
+        return None
+    if name is None:
+        return default_schedule(model)
+    return LazyConfig.parse(name)
+
+
 def context_length(model: nn.Module) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from lazyllm_mlx import load, stream_generate
-from lazyllm_mlx.cache_io import load_lazy_cache
 from lazyllm_mlx.cli import main
-from lazyllm_mlx.cli.cache_prompt import document_tokens, query_tokens
+from lazyllm_mlx.prompt_cache import document_tokens, load_lazy_cache, query_tokens
 
 import pytest
 from mlx_lm.utils import save_config, save_model

@@ -7,8 +7,8 @@ import json
 
 import lazyllm_mlx
 from lazyllm_mlx import cli, convert, generate_step, load
-from lazyllm_mlx.cli.generate import resolve_schedule
 from lazyllm_mlx.config import LazyConfig
+from lazyllm_mlx.generate import resolve_schedule
 from lazyllm_mlx.gguf.loader import load_gguf
 
 import mlx.core as mx

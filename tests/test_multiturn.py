@@ -1,7 +1,7 @@
 """Conversations through a LazyCache, and saving/loading it."""
 
 from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
-from lazyllm_mlx.cache_io import load_lazy_cache, save_lazy_cache
+from lazyllm_mlx.prompt_cache import load_lazy_cache, save_lazy_cache
 
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
 from lazyllm_mlx import cache as cache_module
-from lazyllm_mlx.cache_io import load_lazy_cache, save_lazy_cache
 from lazyllm_mlx.families import family_of
+from lazyllm_mlx.prompt_cache import load_lazy_cache, save_lazy_cache
 from lazyllm_mlx.pruning import scoring_layer
 
 import pytest

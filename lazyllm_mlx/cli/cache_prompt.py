@@ -1,10 +1,7 @@
 """`lazyllm-mlx cache-prompt`: prefill a long document once and save the lazy cache to a file.
 
-mlx-lm's convention: the document is the start of a user message (chat template applied with
-`continue_final_message`, so the message stays open), and
-`generate --prompt-cache-file F --prompt Q` continues that message with Q, then the template's end
-of turn and generation prompt. Only Q and that tail are prefilled; pruned document tokens the
-question needs are revived from the aux caches.
+`generate --prompt-cache-file F --prompt Q` then continues the document with Q (see
+lazyllm_mlx.prompt_cache for the convention).
 """
 
 from __future__ import annotations
@@ -13,19 +10,14 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
-from ..cache import LazyCache
-from ..cache_io import load_lazy_cache, read_cache_header, save_lazy_cache
-from ..config import LazyConfig
 from ..engine import LazyStats
-from ..generate import check_request, generate_step, make_lazy_cache
+from ..generate import check_request, generate_step, make_lazy_cache, resolve_schedule
 from ..loading import load
-from .generate import progress_bar, read_prompt, resolve_schedule
-
-QUERY_MARK = "<query>"
+from ..prompt_cache import document_tokens, save_document_cache
+from .generate import progress_bar, read_prompt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,50 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template-config", default=None, help="JSON dict of apply_chat_template arguments"
     )
     parser.add_argument("--prefill-step-size", type=int, default=2048)
-
-
-def _messages(system_prompt: str | None, content: str) -> list[dict[str, str]]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    return [*system, {"role": "user", "content": content}]
-
-
-def document_tokens(
-    tokenizer: Any, text: str, system_prompt: str | None, template: dict[str, Any] | None
-) -> tuple[str, list[int]]:
-    """The cached prefix, as text and tokens: an open user message starting with `text`.
-
-    template: apply_chat_template arguments, or None to use no chat template.
-    """
-    if template is None:
-        bos = tokenizer.bos_token
-        return text, tokenizer.encode(
-            text, add_special_tokens=bos is None or not text.startswith(bos)
-        )
-    prefix = tokenizer.apply_chat_template(
-        _messages(system_prompt, text),
-        tokenize=False,
-        add_generation_prompt=False,
-        continue_final_message=True,
-        **template,
-    )
-    return prefix, tokenizer.encode(prefix, add_special_tokens=False)
-
-
-def query_tokens(
-    tokenizer: Any, text: str, system_prompt: str | None, template: dict[str, Any] | None
-) -> list[int]:
-    """What follows the cached prefix: `text`, the end of the user turn, the generation prompt."""
-    if template is not None:
-        messages = _messages(system_prompt, text)
-        full = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template
-        )
-        messages[-1]["content"] = QUERY_MARK
-        marked = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template
-        )
-        text = full[marked.index(QUERY_MARK) :]  # mlx-lm's rule: everything from the content on
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,15 +75,15 @@ def run(args: argparse.Namespace) -> int:
         pass
     mx.eval(cache.state)
     elapsed = time.perf_counter() - start
-    metadata = {
-        "model": _model_reference(args.model),
-        "schedule": lazy.to_string(),
-        "chat_template_args": json.dumps(template),  # "null": no chat template
-        "system_prompt": json.dumps(args.system_prompt),
-        "prefix": prefix,
-        "prefix_tokens": str(len(tokens)),
-    }
-    save_lazy_cache(args.prompt_cache_file, cache, model, metadata)
+    save_document_cache(
+        args.prompt_cache_file,
+        cache,
+        model,
+        model_source=args.model,
+        prefix=prefix,
+        template=template,
+        system_prompt=args.system_prompt,
+    )
     size = Path(args.prompt_cache_file).stat().st_size
     print(
         f"Prefilled {len(tokens)} tokens in {elapsed:.2f} s "
@@ -144,43 +92,3 @@ def run(args: argparse.Namespace) -> int:
         f"saved {args.prompt_cache_file} ({size / 1e6:.1f} MB)"
     )
     return 0
-
-
-def _model_reference(model: str | None) -> str:
-    """How a later `generate` finds the model again: an absolute path, a hub id, or '' (default)."""
-    if model is None:
-        return ""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
-def continue_from_file(
-    args: argparse.Namespace, text: str
-) -> tuple[Any, Any, LazyConfig, list[int], LazyCache]:
-    """For `generate --prompt-cache-file`: model, tokenizer, schedule, the query's tokens, cache.
-
-    The model defaults to the one the file names; the schedule to the file's. Mismatched models or
-    schedules and unreadable files raise ValueError / FileNotFoundError with a clear message.
-    """
-    path = args.prompt_cache_file
-    if args.schedule == "off":
-        raise ValueError("A prompt cache file holds LazyLLM state: --schedule 'off' cannot use it.")
-    model_path = args.model
-    if model_path is None:
-        model_path = read_cache_header(path)[1].get("user", {}).get("model") or None
-    model, tokenizer = load(model_path)
-    lazy = None if args.schedule is None else resolve_schedule(model, args.schedule)
-    cache, metadata = load_lazy_cache(path, model, lazy)
-    if str(cache.offset) != metadata.get("prefix_tokens", str(cache.offset)):
-        raise ValueError(f"{path}: corrupt prompt cache (its token count does not match)")
-    template = json.loads(metadata.get("chat_template_args", "null"))
-    system_prompt = json.loads(metadata.get("system_prompt", "null"))
-    if args.system_prompt is not None and args.system_prompt != system_prompt:
-        raise ValueError(
-            f"{path} was built with system prompt {system_prompt!r}; it cannot change."
-        )
-    if args.ignore_chat_template:
-        template = None
-    tokens = query_tokens(tokenizer, text, system_prompt, template)
-    lazy = lazy if lazy is not None else cache.config  # its options (norevive, min=) may differ
-    return model, tokenizer, lazy, tokens, cache

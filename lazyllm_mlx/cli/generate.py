@@ -12,9 +12,9 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from ..config import LazyConfig
-from ..generate import default_schedule, stream_generate
+from ..generate import resolve_schedule, stream_generate
 from ..loading import load
+from ..prompt_cache import cached_model, continue_from_file
 
 DEFAULT_PROMPT = "hello"
 
@@ -89,14 +89,6 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
             messages, tokenize=False, add_generation_prompt=True, **extra
         )
     return tokenizer.encode(text, add_special_tokens=not use_template)
-
-
-def resolve_schedule(model, name: str | None) -> LazyConfig | None:
-    if name == "off":
-        return None
-    if name is None:
-        return default_schedule(model)
-    return LazyConfig.parse(name)
 
 
 def progress_bar(label: str):
@@ -200,9 +192,20 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_cache_file:
         if args.compare:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
-        from .cache_prompt import continue_from_file
-
-        model, tokenizer, lazy, tokens, cache = continue_from_file(args, text)
+        if args.schedule == "off":
+            raise ValueError(
+                "A prompt cache file holds LazyLLM state: --schedule 'off' cannot use it."
+            )
+        model, tokenizer = load(args.model or cached_model(args.prompt_cache_file))
+        lazy, tokens, cache = continue_from_file(
+            args.prompt_cache_file,
+            model,
+            tokenizer,
+            text,
+            None if args.schedule is None else resolve_schedule(model, args.schedule),
+            system_prompt=args.system_prompt,
+            chat_template=not args.ignore_chat_template,
+        )
     else:
         model, tokenizer = load(args.model)
         lazy = resolve_schedule(model, args.schedule)

@@ -7,9 +7,9 @@ import json
 import sys
 
 from ..families import family_of
+from ..generate import resolve_schedule
 from ..loading import load
 from ..server import GenerationService, make_server
-from .generate import resolve_schedule
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

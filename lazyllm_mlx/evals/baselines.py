@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cache_io import model_fingerprint
+from ..prompt_cache import model_fingerprint
 from .tasks import Task
 
 
