@@ -7,7 +7,6 @@ lazyllm_mlx.prompt_cache for the convention).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -17,30 +16,32 @@ from ..engine import LazyStats
 from ..generate import check_request, generate_step, make_lazy_cache, resolve_schedule
 from ..loading import load
 from ..prompt_cache import document_tokens, save_document_cache
-from .generate import progress_bar, read_prompt
+from .common import (
+    add_chat_template_arguments,
+    add_model_argument,
+    add_prefill_step_size_argument,
+    add_schedule_argument,
+    chat_template_config,
+    progress_bar,
+    read_prompt,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    add_model_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", "-p", help="The document to cache ('-' reads stdin)")
     source.add_argument("--prompt-file", help="Read the document from this file")
     parser.add_argument(
         "--prompt-cache-file", required=True, help="Where to save the cache (.safetensors)"
     )
-    parser.add_argument(
-        "--schedule",
-        default=None,
-        help="LazyLLM schedule for the prefill and later turns (a preset or schedule string; "
-        "'none' prunes nothing). Default: the model's stored schedule, else its family's "
-        "calibrated preset ('safe' for Gemma 3), else 'default'.",
+    add_schedule_argument(
+        parser,
+        "LazyLLM schedule for the prefill and later turns (a preset or schedule string; "
+        "'none' prunes nothing).",
     )
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument(
-        "--chat-template-config", default=None, help="JSON dict of apply_chat_template arguments"
-    )
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    add_chat_template_arguments(parser)
+    add_prefill_step_size_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         )
     template = None
     if not args.ignore_chat_template and tokenizer.has_chat_template:
-        template = json.loads(args.chat_template_config) if args.chat_template_config else {}
+        template = chat_template_config(args)
     prefix, tokens = document_tokens(tokenizer, text, args.system_prompt, template)
     prompt = mx.array(tokens, dtype=mx.int32)
     cache = make_lazy_cache(model, lazy)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
@@ -15,6 +14,16 @@ from mlx_lm.utils import common_prefix_len
 from ..generate import resolve_schedule, stream_generate
 from ..loading import load
 from ..prompt_cache import cached_model, continue_from_file
+from .common import (
+    add_chat_template_arguments,
+    add_model_argument,
+    add_prefill_step_size_argument,
+    add_schedule_argument,
+    chat_template_config,
+    model_label,
+    progress_bar,
+    read_prompt,
+)
 
 DEFAULT_PROMPT = "hello"
 
@@ -24,7 +33,7 @@ def str2bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    add_model_argument(parser)
     parser.add_argument(
         "--prompt", "-p", default=DEFAULT_PROMPT, help="Message for the model ('-' reads stdin)"
     )
@@ -36,22 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k")
     parser.add_argument("--min-tokens-to-keep", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument(
-        "--chat-template-config", default=None, help="JSON dict of apply_chat_template arguments"
-    )
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    add_chat_template_arguments(parser)
+    add_prefill_step_size_argument(parser)
     parser.add_argument(
         "--verbose", type=str2bool, default=True, help="'False' prints only the generated text"
     )
-    parser.add_argument(
-        "--schedule",
-        default=None,
-        help="LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
+    add_schedule_argument(
+        parser,
+        "LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
         "'boundary:keep,...[;min=N][;norevive]' e.g. 0.3:0.7,0.6:0.7 (depth fractions) or "
-        "9:0.7,18:0.5 (layers). Default: the model's stored schedule, else its family's calibrated "
-        "preset ('safe' for Gemma 3), else 'default'.",
+        "9:0.7,18:0.5 (layers).",
     )
     parser.add_argument(
         "--compare", action="store_true", help="Run baseline and lazy on the same prompt"
@@ -64,18 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-        text = sys.stdin.read() if text == "-" else text
-    if not text.strip():
-        raise ValueError("The prompt is empty.")
-    return text
-
-
 def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
     """The chat template is applied here, as mlx-lm's CLI does, never silently by the API."""
     use_template = not args.ignore_chat_template and tokenizer.has_chat_template
@@ -84,24 +75,11 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
         if args.system_prompt is not None:
             messages.append({"role": "system", "content": args.system_prompt})
         messages.append({"role": "user", "content": text})
-        extra = json.loads(args.chat_template_config) if args.chat_template_config else {}
+        extra = chat_template_config(args)
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **extra
         )
     return tokenizer.encode(text, add_special_tokens=not use_template)
-
-
-def progress_bar(label: str):
-    """A live prefill progress line on stderr when it is a terminal; silent otherwise."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        print(f"\r{label}: prefill {done}/{total} tokens ({done / max(total, 1):.0%})",
-              end=end, file=sys.stderr, flush=True)  # fmt: skip
-
-    return show
 
 
 def run_once(
@@ -211,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         lazy = resolve_schedule(model, args.schedule)
         tokens = prompt_tokens(tokenizer, text, args)
     echo = args.verbose and not args.json and not args.compare
-    report: dict[str, Any] = dict(model=args.model or "default (SmolLM2-135M-Instruct)")
+    report: dict[str, Any] = dict(model=model_label(args.model))
     report["prompt_tokens"] = len(tokens)
     report["cached_tokens"] = cache.offset if cache is not None else 0
     if args.compare:
