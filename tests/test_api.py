@@ -4,10 +4,10 @@ import math
 
 import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, generate, make_lazy_cache, stream_generate
+from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import mlx.core as mx
 import pytest
-from mlx_lm.utils import _get_classes
 from tiny_models import random_prompt, tiny_model, tiny_tokenizer
 
 
@@ -130,8 +130,7 @@ def tiny_mamba():
         model_type="mamba", vocab_size=64, hidden_size=32, intermediate_size=64, state_size=8,
         num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4,
     )  # fmt: skip
-    model_class, args_class = _get_classes(config)
-    return model_class(args_class.from_dict(config))
+    return model_from_config(config)
 
 
 def test_unprunable_architectures_are_refused(tokenizer):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import lazyllm_mlx  # noqa: F401  (OpenBLAS preload before mlx)
+from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import _get_classes
 
 COMMON = dict(
     hidden_size=64,
@@ -57,9 +57,8 @@ FAMILY_CONFIGS: dict[str, dict] = {
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     config = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
-    model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
-    model = model_class(args_class.from_dict(config))
+    model = model_from_config(config)
     # Larger-than-default weights so attention is peaked and token choices are not near-ties.
     params = [(k, v * 2.0) for k, v in tree_flatten(model.parameters()) if "norm" not in k]
     if config["model_type"] == "gemma3_text":
@@ -84,8 +83,7 @@ def tiny_gpt2(vocab: int = 128) -> tuple[dict, nn.Module]:
         layer_norm_epsilon=1e-5,
         vocab_size=vocab,
     )
-    model_class, args_class = _get_classes(config)
-    return config, model_class(args_class.from_dict(config))
+    return config, model_from_config(config)
 
 
 def random_prompt(length: int, vocab: int = 128, seed: int = 1) -> mx.array:
