@@ -85,7 +85,14 @@ def check_request(
     """Every error a request can have, raised before any work is done."""
     if prompt.size == 0:
         raise ValueError("The prompt is empty: give at least one token.")
-    offset = cache.offset if isinstance(cache, LazyCache) else 0
+    if config is None and isinstance(cache, LazyCache):
+        raise ValueError("A LazyCache was given with lazy=None; pass the cache's schedule.")
+    if config is not None and cache is not None and not isinstance(cache, LazyCache):
+        raise ValueError(
+            f"prompt_cache is a {type(cache).__name__}; the lazy engine needs a LazyCache "
+            "(make_lazy_cache(model, lazy))."
+        )
+    offset = cache.offset if config is not None and cache is not None else 0
     limit = context_length(model)
     if limit is not None and offset + prompt.size > limit:
         raise ValueError(
@@ -94,17 +101,10 @@ def check_request(
             + f", more than the model's context of {limit} tokens."
         )
     if config is None:
-        if isinstance(cache, LazyCache):
-            raise ValueError("A LazyCache was given with lazy=None; pass the cache's schedule.")
         return
     family = family_of(model)  # raises for architectures the engine cannot prune
     config.resolve(family.num_layers)  # raises for schedules that do not fit this model
-    if cache is not None and not isinstance(cache, LazyCache):
-        raise ValueError(
-            f"prompt_cache is a {type(cache).__name__}; the lazy engine needs a LazyCache "
-            "(make_lazy_cache(model, lazy))."
-        )
-    if isinstance(cache, LazyCache) and cache.schedule != config.resolve(family.num_layers):
+    if cache is not None and cache.schedule != config.resolve(family.num_layers):
         raise ValueError("prompt_cache was built with a different schedule than `lazy`.")
 
 
@@ -258,7 +258,7 @@ def _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kw
     cache = kwargs.get("prompt_cache")
 
     def response(token, logprobs, n, finish_reason=None):
-        if stats is not None and finish_reason is not None and isinstance(cache, LazyCache):
+        if stats is not None and finish_reason is not None:  # lazy: the cache is a LazyCache
             stats.aux_bytes = cache.aux_bytes()
         return GenerationResponse(
             text=detokenizer.last_segment,
