@@ -82,9 +82,9 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
     seen = []
     original = engine._select_and_revive
 
-    def spy(cache, k, flight, scores, candidates, n_candidates, *rest):
-        flight_out, attend = original(cache, k, flight, scores, candidates, n_candidates, *rest)
-        seen.append((k, n_candidates, attend.selected.tolist(), cache.offset))
+    def spy(cache, k, flight, ranked, *rest):
+        flight_out, attend = original(cache, k, flight, ranked, *rest)
+        seen.append((k, ranked.n_candidates, attend.selected.tolist(), cache.offset))
         return flight_out, attend
 
     monkeypatch.setattr(engine, "_select_and_revive", spy)
