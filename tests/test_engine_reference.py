@@ -1,5 +1,7 @@
 """The engine against a literal, independent LazyLLM (tests/reference_lazyllm.py)."""
 
+from dataclasses import replace
+
 import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, make_lazy_cache
 from lazyllm_mlx.engine import LazyStats, lazy_forward
@@ -51,7 +53,7 @@ def test_engine_matches_reference(schedule, revive, variant, monkeypatch):
     if variant == "split":
         monkeypatch.setattr(engine, "_SPLIT_MIN_TOKENS", 1)
     model = tiny_model("llama", num_hidden_layers=10)
-    config = LazyConfig.parse(schedule).with_options(revive=revive)
+    config = replace(LazyConfig.parse(schedule), revive=revive)
     cache = make_lazy_cache(model, config)
     family = family_of(model)
     reference = ReferenceLazyLLM(model, cache.schedule)

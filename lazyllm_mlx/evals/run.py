@@ -97,7 +97,7 @@ def build_methods(
         for text, config in lazy:
             if not config.resolve(num_layers).boundaries or config.selection == "random":
                 continue
-            randomized = config.with_options(selection="random", name=None)
+            randomized = replace(config, selection="random", name=None)
             methods.append(Method(f"random[{text}]", "random", randomized, text))
             static = static_config(config, num_layers, num_tokens)
             methods.append(Method(f"static[{text}]", "static", static, text))
