@@ -206,15 +206,17 @@ def generate_step(
         raise
 
 
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """`text` as tokens by mlx-lm's rule: special tokens added unless it starts with BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+
+
 def _as_tokens(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt
     if isinstance(prompt, str):
-        # Same rule as mlx-lm: add special tokens unless the text already starts with BOS.
-        bos = tokenizer.bos_token
-        prompt = tokenizer.encode(
-            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
-        )
+        prompt = encode_prompt(tokenizer, prompt)
     return mx.array(prompt, dtype=mx.int32)
 
 

@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from .cache import LazyCache, ObservedQueries, StageStore
 from .config import LazyConfig
 from .families import family_of
+from .generate import encode_prompt
 
 FORMAT = "lazyllm-mlx-cache/1"
 QUERY_MARK = "<query>"
@@ -184,10 +185,7 @@ def document_tokens(
     template: apply_chat_template arguments, or None to use no chat template.
     """
     if template is None:
-        bos = tokenizer.bos_token
-        return text, tokenizer.encode(
-            text, add_special_tokens=bos is None or not text.startswith(bos)
-        )
+        return text, encode_prompt(tokenizer, text)
     prefix = tokenizer.apply_chat_template(
         _messages(system_prompt, text),
         tokenize=False,

@@ -152,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         schedules = split_schedules(args.schedules)
     if args.plot:
-        from ..evals.eval_plot import require_matplotlib
+        from ..evals.plots import pyplot
 
-        require_matplotlib()  # before the long run, not after it
+        pyplot()  # fails before the long run, not after it
     model, tokenizer = load(args.model)
     chat = None if args.chat == "auto" else args.chat == "on"
     report = evaluate(
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
     if args.plot:
-        from ..evals.eval_plot import plot_report
+        from ..evals.plots import plot_report
 
         plot_report(report, args.plot)
     return 0

@@ -21,7 +21,13 @@ from mlx_lm.server import convert_chat
 
 from ..config import LazyConfig, as_config
 from ..engine import LazyStats
-from ..generate import GenerationResponse, context_length, make_lazy_cache, stream_generate
+from ..generate import (
+    GenerationResponse,
+    context_length,
+    encode_prompt,
+    make_lazy_cache,
+    stream_generate,
+)
 from .prompt_caches import PromptCaches, settle
 from .protocol import SERVER_DEFAULT, CompletionRequest, RequestError
 
@@ -131,9 +137,7 @@ class GenerationService:
                     f"Token id {max(tokens)} is outside the vocabulary.", param="prompt"
                 )
         elif request.kind == "text":
-            bos = tokenizer.bos_token
-            special = bos is None or not request.prompt.startswith(bos)  # mlx-lm's rule
-            tokens = tokenizer.encode(request.prompt, add_special_tokens=special)
+            tokens = encode_prompt(tokenizer, request.prompt)
         elif tokenizer.has_chat_template:
             options = {**self.chat_template_args, **request.chat_template_kwargs}
             try:
