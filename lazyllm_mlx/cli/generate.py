@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from ..generate import resolve_schedule, stream_generate
+from ..evals.measure import generate_once, warm_up
+from ..evals.scores import prefix_fraction
+from ..generate import resolve_schedule
 from ..loading import load
 from ..prompt_cache import cached_model, continue_from_file
 from .common import (
@@ -87,43 +88,35 @@ def run_once(
 ) -> dict[str, Any]:
     if args.seed is not None:
         mx.random.seed(args.seed)
-    mx.reset_peak_memory()
     sampler = make_sampler(
         args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k
     )
-    ids, text, last = [], "", None
-    start = time.perf_counter()
-    for last in stream_generate(
+    run = generate_once(
         model,
         tokenizer,
         tokens,
+        lazy,
         max_tokens=args.max_tokens,
-        lazy=lazy,
+        on_text=(lambda text: print(text, end="", flush=True)) if echo else None,
         sampler=sampler,
         prefill_step_size=args.prefill_step_size,
         prompt_progress_callback=progress_bar(label),
         prompt_cache=prompt_cache,
-    ):
-        ids.append(last.token)
-        text += last.text
-        if echo:
-            print(last.text, end="", flush=True)
+    )
     if echo:
         print()
-    if last.finish_reason == "stop":
-        ids.pop()  # the EOS token is reported, not generated text
-    stats = last.lazy
+    last, stats = run.last, run.last.lazy
     return dict(
         schedule=lazy.to_string() if lazy is not None else "baseline",
-        text=text,
-        tokens=ids,
+        text=run.text,
+        tokens=run.generated_tokens,  # the EOS token is reported, not generated text
         ttft=last.ttft,
         prompt_tps=last.prompt_tps,
         generation_tokens=last.generation_tokens,
         generation_tps=last.generation_tps,
         peak_memory_gb=last.peak_memory,
         finish_reason=last.finish_reason,
-        total_time=time.perf_counter() - start,
+        total_time=run.total_time,
         prefill_fraction=stats.prefill_fraction if stats else None,
         revived=stats.revived if stats else None,
         aux_bytes=stats.aux_bytes if stats else None,
@@ -133,8 +126,7 @@ def run_once(
 
 def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
     prefix = common_prefix_len(a, b)
-    longest = max(len(a), len(b), 1)
-    return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix / longest)
+    return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix_fraction(a, b))
 
 
 def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
@@ -195,9 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
-        warm = tokens[: min(len(tokens), 64)]  # one-time costs (allocation, kernels) off the clock
-        for warm_lazy in (None, lazy):
-            list(stream_generate(model, tokenizer, warm, max_tokens=2, lazy=warm_lazy))
+        warm_up(model, tokenizer, tokens, (None, lazy))
         runs = {
             "baseline": run_once(model, tokenizer, tokens, None, args, "baseline", echo),
             "lazy": run_once(model, tokenizer, tokens, lazy, args, "lazy", echo),
