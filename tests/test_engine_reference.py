@@ -8,19 +8,9 @@ from lazyllm_mlx.engine import LazyStats, lazy_forward
 from lazyllm_mlx.families import family_of
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from reference_lazyllm import ReferenceLazyLLM
-from tiny_models import random_prompt, tiny_model
-
-
-def store_positions(cache):
-    out = []
-    for store in cache.stages:
-        positions = set(np.array(store.positions[: store.size]).tolist())
-        assert len(positions) == store.size, "a token holds KV twice in one stage"
-        out += [positions] * len(store.layers)
-    return out
+from tiny_models import random_prompt, store_positions, tiny_model
 
 
 def prefill_and_decode_against(reference, family, cache, prompt, revive: bool) -> LazyStats:

@@ -6,9 +6,8 @@ from lazyllm_mlx.prompt_cache import load_lazy_cache, save_lazy_cache
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from tiny_models import random_prompt, tiny_model
+from tiny_models import KEEP_ALL, random_prompt, tiny_model
 
-KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
 TURNS = [random_prompt(120, seed=1), random_prompt(80, seed=2), random_prompt(30, seed=3)]
 
 

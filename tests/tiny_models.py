@@ -1,12 +1,16 @@
-"""Tiny random mlx-lm models, one per family, built from mlx-lm's own ModelArgs."""
+"""What the tests share: tiny random mlx-lm models (one per family, from mlx-lm's own ModelArgs),
+a tiny tokenizer, random prompts, the schedules that prune nothing, and the KV positions a cache
+holds."""
 
 from __future__ import annotations
 
 import lazyllm_mlx  # noqa: F401  (OpenBLAS preload before mlx)
+from lazyllm_mlx import LazyConfig
 from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -55,6 +59,12 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 
 
+# keep=0.99999 keeps every token of the tests' prompts but runs the whole selection machinery
+# (scoring, top-k, gathered keys, per-token RoPE, revival bookkeeping).
+KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
+NOTHING_PRUNED = {"none": "none", "keep-all": KEEP_ALL}
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     config = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
     mx.random.seed(seed)
@@ -100,3 +110,13 @@ def tiny_tokenizer(vocab: int = 128) -> TokenizerWrapper:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0")
     return TokenizerWrapper(fast)
+
+
+def store_positions(cache) -> list[set[int]]:
+    """Per layer, the positions holding KV in a LazyCache; fails if a stage holds one twice."""
+    out = []
+    for store in cache.stages:
+        positions = set(np.array(store.positions[: store.size]).tolist())
+        assert len(positions) == store.size, "a token holds KV twice in one stage"
+        out += [positions] * len(store.layers)
+    return out
