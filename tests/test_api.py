@@ -6,7 +6,6 @@ import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, generate, make_lazy_cache, stream_generate
 from lazyllm_mlx._mlx_lm_private import model_from_config
 
-import mlx.core as mx
 import pytest
 from tiny_models import random_prompt, tiny_model, tiny_tokenizer
 
@@ -102,6 +101,22 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
             assert set(sel2) <= set(sel1)
 
 
+PUBLIC_API = [
+    "GenerationResponse", "LazyCache", "LazyConfig", "LazyStats", "convert", "default_schedule",
+    "generate", "generate_step", "load", "load_lazy_cache", "make_lazy_cache", "save_lazy_cache",
+    "stream_generate",
+]  # fmt: skip
+
+
+def test_the_public_api_is_the_package_s():
+    import lazyllm_mlx
+
+    assert sorted(lazyllm_mlx.__all__) == PUBLIC_API
+    for name in PUBLIC_API:  # the functions and classes themselves, not modules of that name
+        value = getattr(lazyllm_mlx, name)
+        assert callable(value) and value.__module__.startswith("lazyllm_mlx."), name
+
+
 def test_errors_before_any_work(model, tokenizer):
     with pytest.raises(ValueError, match="prompt is empty"):
         stream_generate(model, tokenizer, [], lazy="paper")
@@ -148,10 +163,11 @@ def test_baseline_path_is_plain_mlx_lm(model, tokenizer):
     from mlx_lm import stream_generate as mlx_stream_generate
 
     prompt = random_prompt(64).tolist()
-    ours = [r.token for r in stream_generate(model, tokenizer, prompt, 10, lazy=None)]
-    theirs = [r.token for r in mlx_stream_generate(model, tokenizer, prompt, 10)]
-    assert ours == theirs
-    assert mx.array(ours).size == len(theirs)
+    ours = list(stream_generate(model, tokenizer, prompt, 10, lazy=None))
+    theirs = list(mlx_stream_generate(model, tokenizer, prompt, 10))
+    assert [r.token for r in ours] == [r.token for r in theirs]
+    assert [r.text for r in ours] == [r.text for r in theirs]
+    assert ours[-1].finish_reason == theirs[-1].finish_reason and ours[-1].lazy is None
 
 
 def test_random_selection_keeps_the_counts(model, tokenizer):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import lazyllm_mlx
 from lazyllm_mlx import cli, convert, generate_step, load
 from lazyllm_mlx.config import LazyConfig
 from lazyllm_mlx.generate import resolve_schedule
@@ -258,11 +257,6 @@ def test_cli_convert_then_generate_uses_the_stored_schedule(tmp_path, gguf_files
     report = json.loads(capsys.readouterr().out)
     assert list(report["runs"]) == ["lazy"]
     assert report["runs"]["lazy"]["schedule"] == "2:0.5;min=4"
-
-
-def test_python_api_is_exported():
-    assert lazyllm_mlx.convert is convert and "convert" in lazyllm_mlx.__all__
-    assert "convert" in cli.COMMANDS
 
 
 def test_the_default_model_converts_with_its_tokenizer(tmp_path):
