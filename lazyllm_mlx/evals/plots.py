@@ -20,7 +20,7 @@ STYLES = {  # eval method family -> (marker, color)
 }
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib.pyplot drawing to files, or a ValueError saying how to install it."""
     try:
         import matplotlib
