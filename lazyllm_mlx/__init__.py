@@ -19,6 +19,7 @@ from .generate import (  # noqa: E402
     stream_generate,
 )
 from .loading import load  # noqa: E402
+from .prompt_cache import load_lazy_cache, save_lazy_cache  # noqa: E402
 
 __all__ = [
     "GenerationResponse",
@@ -30,6 +31,8 @@ __all__ = [
     "generate",
     "generate_step",
     "load",
+    "load_lazy_cache",
     "make_lazy_cache",
+    "save_lazy_cache",
     "stream_generate",
 ]

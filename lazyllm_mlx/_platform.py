@@ -53,8 +53,9 @@ def preload_openblas() -> bool:
     return False
 
 
-def default_dtype():
-    """float32 on the CPU (other float types are slow there); None (keep the dtype) on GPU."""
+def default_dtype(stored=None):
+    """The dtype to run floating weights in: float32 on the CPU (other float types are slow
+    there), else `stored` (None: keep the weights' dtype)."""
     import mlx.core as mx
 
-    return mx.float32 if mx.default_device() == mx.cpu else None
+    return mx.float32 if mx.default_device() == mx.cpu else stored

@@ -316,6 +316,21 @@ class LazyCache:
                 window.keep_before(self.offset)
         return num_tokens
 
+    # mlx-lm's cache protocol, beside offset, trim and state (`empty` is the constructor here).
+    def is_trimmable(self) -> bool:
+        """Always: but trim() forgets nothing where sliding windows dropped the keys (see trim)."""
+        return True
+
+    def size(self) -> int:
+        return self.offset
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: every stage's KV, the aux caches' hidden states, the observed queries."""
+        aux = sum(a.hidden[: a.size].nbytes for a in self.aux[1:] if a.hidden is not None)
+        observed = sum(w.queries.nbytes for w in self.observed[1:] if w.queries is not None)
+        return self.kv_bytes() + aux + observed
+
     @property
     def state(self) -> list[mx.array]:
         """All arrays, for mx.eval."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # Boundaries below 1.0 are fractions of the model's depth (model-independent presets); integers
@@ -176,9 +176,6 @@ class LazyConfig:
         if unknown:
             raise ValueError(f"Unknown LazyConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-    def with_options(self, **changes: Any) -> LazyConfig:
-        return replace(self, **changes)
 
     def validate(self) -> None:
         if len(self.boundaries) != len(self.keep):

@@ -20,14 +20,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
 
 from .config import LazyConfig, as_config
 from .default_model import default_model_path
 from .families import check_supported, model_type_of
+from .gguf.loader import GGUF_DEFAULT_DTYPE
+from .loading import cast_floating, load_source
 
 DTYPES = ("float16", "bfloat16", "float32")  # as mlx_lm convert's --dtype
-GGUF_DEFAULT_DTYPE = "float16"
 
 
 def convert(
@@ -83,39 +83,24 @@ def convert(
 
 
 def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any, Any, dict, Path]:
-    """(model, tokenizer, config, local source path); floating weights already in their dtype."""
-    from .loading import _download, _is_gguf, check_model_folder
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        if not _is_gguf(path):
-            raise ValueError(f"{path} is a file but not a GGUF model (give a .gguf or a folder)")
-        from .gguf_loader import load_gguf
-
-        dtype = dtype or GGUF_DEFAULT_DTYPE
-        model, tokenizer, config = load_gguf(
-            path, getattr(mx, dtype), progress=show, return_config=True
-        )
-        config["torch_dtype"] = dtype
+    """(model, tokenizer, config, local source path); floating weights in the dtype to save:
+    `dtype`, else the source's (config.json's torch_dtype, float16 for GGUF)."""
+    model, tokenizer, config, path = load_source(
+        source,
+        getattr(mx, dtype) if dtype else None,
+        tokenizer_config={"trust_remote_code": trust_remote_code},
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        lazy=True,
+        progress=show,
+    )
+    if path.is_file():  # GGUF
+        config["torch_dtype"] = dtype or GGUF_DEFAULT_DTYPE
         # mlx-lm's loader gives the tokenizer its end-of-generation ids from config.json.
         config["eos_token_id"] = sorted(tokenizer.eos_token_ids)
-        return model, tokenizer, config, path
-
-    from mlx_lm.utils import load as mlx_load
-
-    folder = path if path.is_dir() else _download(str(source), revision)
-    check_model_folder(folder)
-    model, tokenizer, config = mlx_load(
-        str(folder),
-        tokenizer_config={"trust_remote_code": trust_remote_code},
-        lazy=True,
-        return_config=True,
-        trust_remote_code=trust_remote_code,
-    )
-    dtype = dtype or _stored_dtype(config)
-    if dtype is not None:
-        _cast(model, getattr(mx, dtype))
-    return model, tokenizer, config, folder
+    elif dtype is None and (stored := _stored_dtype(config)) is not None:
+        cast_floating(model, getattr(mx, stored))
+    return model, tokenizer, config, path
 
 
 def _stored_dtype(config: dict) -> str | None:
@@ -124,19 +109,6 @@ def _stored_dtype(config: dict) -> str | None:
             if d.get(key) in DTYPES:
                 return d[key]
     return None
-
-
-def _cast(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Floating parameters to `dtype`, skipping what the model's cast_predicate excludes (as
-    mlx_lm convert does)."""
-    keep = getattr(model, "cast_predicate", lambda _: True)
-
-    def cast(key: str, value: mx.array) -> mx.array:
-        if keep(key) and mx.issubdtype(value.dtype, mx.floating):
-            return value.astype(dtype)
-        return value
-
-    model.update(tree_map_with_path(cast, model.parameters()))
 
 
 def _quantize(model, config, group_size, bits, mode, recipe) -> tuple[nn.Module, dict]:

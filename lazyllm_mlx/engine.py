@@ -326,20 +326,15 @@ _MASK_MAX_QUERIES = 64
 
 
 def _select_and_revive(
-    cache: LazyCache,
-    k: int,
-    flight: _InFlight,
-    scores: mx.array,
-    candidates: mx.array,
-    n_candidates: int,
-    end: int,
-    stats: LazyStats,
+    cache: LazyCache, k: int, flight: _InFlight, ranked: _StageResult, end: int, stats: LazyStats
 ) -> tuple[_InFlight, _Attend]:
-    """Boundary in the general case: select, then gather what stage k must compute."""
+    """Boundary in the general case: select among what stage k-1 ranked, then gather what
+    stage k must compute."""
     store, aux = cache.stages[k], cache.aux[k]
-    count = _boundary_count(cache, k, n_candidates, end)
+    count = _boundary_count(cache, k, ranked.n_candidates, end)
     # Masked-out candidates score -1 and the always-kept tokens are among the candidates.
-    selected = candidates[select_top(scores, count, _always_kept(cache, candidates, end))]
+    candidates = ranked.candidates
+    selected = candidates[select_top(ranked.scores, count, _always_kept(cache, candidates, end))]
 
     in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
     in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
@@ -411,16 +406,7 @@ def lazy_forward(
             if fresh:
                 flight = _prune_fresh(cache, k, flight, ranked.scores, end)
             else:
-                flight, attend = _select_and_revive(
-                    cache,
-                    k,
-                    flight,
-                    ranked.scores,
-                    ranked.candidates,
-                    ranked.n_candidates,
-                    end,
-                    stats,
-                )
+                flight, attend = _select_and_revive(cache, k, flight, ranked, end, stats)
         ranked = _run_stage(
             family,
             cache,

@@ -78,9 +78,6 @@ class Family:
     windows: list[int | None]  # sliding window of each layer, None for full attention
     scales: list[float]  # attention scale of each layer
     ropes: list[PositionalRoPE]
-    kv_heads: int
-    hidden_size: int
-    max_positions: int | None
 
     @property
     def num_layers(self) -> int:
@@ -135,7 +132,6 @@ def family_of(model: nn.Module) -> Family:
     make_embed, windows_of = SUPPORTED[model_type]
     layers = list(model.layers)
     attentions = [layer.self_attn for layer in layers]
-    args = model.args
     return Family(
         model_type=model_type,
         layers=layers,
@@ -144,7 +140,4 @@ def family_of(model: nn.Module) -> Family:
         windows=windows_of(model),
         scales=[float(attn.scale) for attn in attentions],
         ropes=[install(attn) for attn in attentions],
-        kv_heads=getattr(args, "num_key_value_heads", None) or args.num_attention_heads,
-        hidden_size=args.hidden_size,
-        max_positions=getattr(args, "max_position_embeddings", None),
     )

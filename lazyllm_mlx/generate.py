@@ -64,6 +64,16 @@ def default_schedule(model: nn.Module) -> LazyConfig:
     return as_config(stored) if stored is not None else family_default(model_type_of(model))
 
 
+def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:
+    """The schedule a command line names: "off" is plain mlx-lm (None), None the model's
+    default_schedule, anything else a preset or schedule string."""
+    if name == "off":
+        return None
+    if name is None:
+        return default_schedule(model)
+    return LazyConfig.parse(name)
+
+
 def context_length(model: nn.Module) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
@@ -75,7 +85,14 @@ def check_request(
     """Every error a request can have, raised before any work is done."""
     if prompt.size == 0:
         raise ValueError("The prompt is empty: give at least one token.")
-    offset = cache.offset if isinstance(cache, LazyCache) else 0
+    if config is None and isinstance(cache, LazyCache):
+        raise ValueError("A LazyCache was given with lazy=None; pass the cache's schedule.")
+    if config is not None and cache is not None and not isinstance(cache, LazyCache):
+        raise ValueError(
+            f"prompt_cache is a {type(cache).__name__}; the lazy engine needs a LazyCache "
+            "(make_lazy_cache(model, lazy))."
+        )
+    offset = cache.offset if config is not None and cache is not None else 0
     limit = context_length(model)
     if limit is not None and offset + prompt.size > limit:
         raise ValueError(
@@ -84,17 +101,10 @@ def check_request(
             + f", more than the model's context of {limit} tokens."
         )
     if config is None:
-        if isinstance(cache, LazyCache):
-            raise ValueError("A LazyCache was given with lazy=None; pass the cache's schedule.")
         return
     family = family_of(model)  # raises for architectures the engine cannot prune
     config.resolve(family.num_layers)  # raises for schedules that do not fit this model
-    if cache is not None and not isinstance(cache, LazyCache):
-        raise ValueError(
-            f"prompt_cache is a {type(cache).__name__}; the lazy engine needs a LazyCache "
-            "(make_lazy_cache(model, lazy))."
-        )
-    if isinstance(cache, LazyCache) and cache.schedule != config.resolve(family.num_layers):
+    if cache is not None and cache.schedule != config.resolve(family.num_layers):
         raise ValueError("prompt_cache was built with a different schedule than `lazy`.")
 
 
@@ -196,15 +206,17 @@ def generate_step(
         raise
 
 
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """`text` as tokens by mlx-lm's rule: special tokens added unless it starts with BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+
+
 def _as_tokens(tokenizer: TokenizerWrapper, prompt: str | mx.array | list[int]) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt
     if isinstance(prompt, str):
-        # Same rule as mlx-lm: add special tokens unless the text already starts with BOS.
-        bos = tokenizer.bos_token
-        prompt = tokenizer.encode(
-            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
-        )
+        prompt = encode_prompt(tokenizer, prompt)
     return mx.array(prompt, dtype=mx.int32)
 
 
@@ -248,7 +260,7 @@ def _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kw
     cache = kwargs.get("prompt_cache")
 
     def response(token, logprobs, n, finish_reason=None):
-        if stats is not None and finish_reason is not None and isinstance(cache, LazyCache):
+        if stats is not None and finish_reason is not None:  # lazy: the cache is a LazyCache
             stats.aux_bytes = cache.aux_bytes()
         return GenerationResponse(
             text=detokenizer.last_segment,

@@ -3,6 +3,7 @@
 Returns what `mlx_lm.load` returns. On the CPU floating weights are cast to float32 (other float
 types are slow there); quantized weights and their scales are left alone. A `"lazyllm"` key in a
 folder's config.json (a stored pruning schedule) is carried as `model.lazyllm_schedule`.
+`load_source` is the one path from a source to a model, which `convert` takes too.
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ from mlx.utils import tree_flatten
 
 from ._platform import default_dtype
 from .default_model import default_model_path
-from .gguf_loader import load_gguf
+from .gguf.loader import GGUF_DEFAULT_DTYPE, load_gguf
 
-# What mlx-lm fetches for a hub id (weights, config, tokenizer, templates).
-_HUB_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt"]
-_HUB_PATTERNS += ["tiktoken.model", "*.jsonl", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
@@ -41,8 +39,41 @@ def load(
     None loads the embedded default model (SmolLM2-135M-Instruct). `dtype` defaults to float32 on
     the CPU; on a GPU, GGUF weights become float16 and other models keep their stored dtype.
     """
-    source = default_model_path() if path_or_hf_repo is None else path_or_hf_repo
-    path = Path(source).expanduser()
+    model, tokenizer, config, _ = load_source(
+        path_or_hf_repo,
+        dtype or default_dtype(),
+        tokenizer_config=tokenizer_config,
+        model_config=model_config,
+        adapter_path=adapter_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    if isinstance(config.get("lazyllm"), dict):
+        # Not a child module or parameter: keep it out of mlx's parameter tree.
+        object.__setattr__(model, "lazyllm_schedule", dict(config["lazyllm"]))
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def load_source(
+    source: str | Path | None,
+    dtype: mx.Dtype | None = None,
+    *,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    adapter_path: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    lazy: bool = False,
+    progress: bool | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any], Path]:
+    """`(model, tokenizer, config, local path)` of a GGUF file, an MLX/HF folder or a hub id
+    (downloaded first); None is the default model. What `load` and `convert` share.
+
+    dtype: of the floating weights; None keeps the stored one (GGUF weights are dequantized to
+    float16). lazy: weights are read when first evaluated (convert does it layer by layer).
+    progress: a progress bar on stderr while a GGUF file is read (default: when it is a terminal).
+    """
+    path = Path(default_model_path() if source is None else source).expanduser()
     if path.is_file():
         if not _is_gguf(path):
             raise ValueError(
@@ -50,9 +81,10 @@ def load(
             )
         model, tokenizer, config = load_gguf(
             path,
-            dtype,
+            dtype or getattr(mx, GGUF_DEFAULT_DTYPE),
             model_config=model_config,
             tokenizer_config=tokenizer_config,
+            progress=progress,
             return_config=True,
         )
         if adapter_path is not None:
@@ -60,24 +92,26 @@ def load(
 
             model = load_adapters(model, adapter_path)
             model.eval()
-    else:
-        from mlx_lm.utils import load as mlx_load
+        return model, tokenizer, config, path
 
-        folder = path if path.is_dir() else _download(str(source), revision)
-        check_model_folder(folder)
-        model, tokenizer, config = mlx_load(
-            str(folder),
-            tokenizer_config=tokenizer_config,
-            model_config=model_config,
-            adapter_path=adapter_path,
-            return_config=True,
-            trust_remote_code=trust_remote_code,
-        )
-        cast_floating(model, dtype or default_dtype())
-        if isinstance(config.get("lazyllm"), dict):
-            # Not a child module or parameter: keep it out of mlx's parameter tree.
-            object.__setattr__(model, "lazyllm_schedule", dict(config["lazyllm"]))
-    return (model, tokenizer, config) if return_config else (model, tokenizer)
+    from mlx_lm.utils import load as mlx_load
+
+    folder = path if path.is_dir() else _download(str(source), revision)
+    check_model_folder(folder)
+    model, tokenizer, config = mlx_load(
+        str(folder),
+        tokenizer_config=tokenizer_config,
+        model_config=model_config,
+        adapter_path=adapter_path,
+        lazy=True,  # cast before reading: the weights arrive in their dtype
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
+    if dtype is not None:
+        cast_floating(model, dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, tokenizer, config, folder
 
 
 def _is_gguf(path: Path) -> bool:
@@ -90,12 +124,15 @@ def _is_gguf(path: Path) -> bool:
 def _download(repo: str, revision: str | None) -> Path:
     import huggingface_hub
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # what mlx-lm fetches for a hub id
 
     problem = "it does not exist"
     try:
         validate_repo_id(repo)
         return Path(
-            huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS)
+            huggingface_hub.snapshot_download(
+                repo, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS
+            )
         )
     except HFValidationError:
         pass  # a path that does not exist, not a hub id
@@ -145,18 +182,19 @@ def check_safetensors(file: Path) -> None:
         raise ValueError(f"{file}: truncated safetensors file ({size} bytes, data needs more)")
 
 
-def cast_floating(model: nn.Module, dtype: mx.Dtype | None) -> None:
-    """Cast floating parameters to `dtype`, except in quantized layers (weights and scales)."""
-    if dtype is None:
-        return
+def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast floating parameters to `dtype` (lazily: on their next evaluation), except in quantized
+    layers (weights and scales) and those the model's `cast_predicate` keeps, as mlx_lm convert
+    does."""
     quantized = {name for name, m in model.named_modules() if hasattr(m, "bits")}
+    cast = getattr(model, "cast_predicate", lambda _: True)
     updates = [
         (name, p.astype(dtype))
         for name, p in tree_flatten(model.parameters())
         if mx.issubdtype(p.dtype, mx.floating)
         and p.dtype != dtype
+        and cast(name)
         and name.rpartition(".")[0] not in quantized
     ]
     if updates:
         model.load_weights(updates, strict=False)
-        mx.eval(model.parameters())

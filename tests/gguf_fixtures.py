@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lazyllm_mlx  # noqa: F401  (OpenBLAS before mlx)
+from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import gguf
 import mlx.core as mx
@@ -20,7 +21,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 256
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -76,8 +76,7 @@ class TinyGGUF:
 
     def reference_model(self, **overrides):
         config = {**self.config, **overrides}
-        model_class, args_class = _get_classes(config)
-        model = model_class(args_class.from_dict(config))
+        model = model_from_config(config)
         weights = {k: mx.array(v) for k, v in self.reference.items()}
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
@@ -156,10 +155,7 @@ def write_tiny_gguf(
     tokenizer = tokenizer or ("llama" if arch == "gemma3" else "gpt2")
     tokens = SPM_TOKENS if tokenizer == "llama" else BPE_TOKENS
     config = family_config(arch, n_layers, len(tokens), tie)
-    model_class, args_class = _get_classes(config)
-    shapes = {
-        k: v.shape for k, v in tree_flatten(model_class(args_class.from_dict(config)).parameters())
-    }
+    shapes = {k: v.shape for k, v in tree_flatten(model_from_config(config).parameters())}
     if tie:
         shapes.pop("lm_head.weight", None)
     else:

@@ -4,10 +4,9 @@ import math
 
 import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, generate, make_lazy_cache, stream_generate
+from lazyllm_mlx._mlx_lm_private import model_from_config
 
-import mlx.core as mx
 import pytest
-from mlx_lm.utils import _get_classes
 from tiny_models import random_prompt, tiny_model, tiny_tokenizer
 
 
@@ -82,9 +81,9 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
     seen = []
     original = engine._select_and_revive
 
-    def spy(cache, k, flight, scores, candidates, n_candidates, *rest):
-        flight_out, attend = original(cache, k, flight, scores, candidates, n_candidates, *rest)
-        seen.append((k, n_candidates, attend.selected.tolist(), cache.offset))
+    def spy(cache, k, flight, ranked, *rest):
+        flight_out, attend = original(cache, k, flight, ranked, *rest)
+        seen.append((k, ranked.n_candidates, attend.selected.tolist(), cache.offset))
         return flight_out, attend
 
     monkeypatch.setattr(engine, "_select_and_revive", spy)
@@ -100,6 +99,22 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
         if off1 == off2 and k2 == k1 + 1:
             assert n2 == len(sel1)  # the next boundary ranks exactly what this one selected
             assert set(sel2) <= set(sel1)
+
+
+PUBLIC_API = [
+    "GenerationResponse", "LazyCache", "LazyConfig", "LazyStats", "convert", "default_schedule",
+    "generate", "generate_step", "load", "load_lazy_cache", "make_lazy_cache", "save_lazy_cache",
+    "stream_generate",
+]  # fmt: skip
+
+
+def test_the_public_api_is_the_package_s():
+    import lazyllm_mlx
+
+    assert sorted(lazyllm_mlx.__all__) == PUBLIC_API
+    for name in PUBLIC_API:  # the functions and classes themselves, not modules of that name
+        value = getattr(lazyllm_mlx, name)
+        assert callable(value) and value.__module__.startswith("lazyllm_mlx."), name
 
 
 def test_errors_before_any_work(model, tokenizer):
@@ -130,8 +145,7 @@ def tiny_mamba():
         model_type="mamba", vocab_size=64, hidden_size=32, intermediate_size=64, state_size=8,
         num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4,
     )  # fmt: skip
-    model_class, args_class = _get_classes(config)
-    return model_class(args_class.from_dict(config))
+    return model_from_config(config)
 
 
 def test_unprunable_architectures_are_refused(tokenizer):
@@ -149,10 +163,11 @@ def test_baseline_path_is_plain_mlx_lm(model, tokenizer):
     from mlx_lm import stream_generate as mlx_stream_generate
 
     prompt = random_prompt(64).tolist()
-    ours = [r.token for r in stream_generate(model, tokenizer, prompt, 10, lazy=None)]
-    theirs = [r.token for r in mlx_stream_generate(model, tokenizer, prompt, 10)]
-    assert ours == theirs
-    assert mx.array(ours).size == len(theirs)
+    ours = list(stream_generate(model, tokenizer, prompt, 10, lazy=None))
+    theirs = list(mlx_stream_generate(model, tokenizer, prompt, 10))
+    assert [r.token for r in ours] == [r.token for r in theirs]
+    assert [r.text for r in ours] == [r.text for r in theirs]
+    assert ours[-1].finish_reason == theirs[-1].finish_reason and ours[-1].lazy is None
 
 
 def test_random_selection_keeps_the_counts(model, tokenizer):

@@ -2,8 +2,9 @@
 
 import json
 
-from lazyllm_mlx.bench import format_table, real_text_tokens
 from lazyllm_mlx.cli import main
+from lazyllm_mlx.evals.bench import format_table
+from lazyllm_mlx.evals.sources import real_text_tokens
 
 
 def test_real_text_prompt_has_the_asked_length(smollm2):

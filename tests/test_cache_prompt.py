@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from lazyllm_mlx import load, stream_generate
-from lazyllm_mlx.cache_io import load_lazy_cache
 from lazyllm_mlx.cli import main
-from lazyllm_mlx.cmd_cache_prompt import document_tokens, query_tokens
+from lazyllm_mlx.prompt_cache import document_tokens, load_lazy_cache, query_tokens
 
 import pytest
 from mlx_lm.utils import save_config, save_model
@@ -148,7 +147,7 @@ def test_default_model_end_to_end(smollm2, monkeypatch, capsys, tmp_path):
         loaded.append(path)
         return model, tokenizer
 
-    for module in ("cmd_cache_prompt", "cmd_generate"):
+    for module in ("cli.cache_prompt", "cli.generate"):
         monkeypatch.setattr(f"lazyllm_mlx.{module}.load", load_default)
     with open(EXAMPLES / "long_document.txt", encoding="utf-8") as f:
         document = f.read(900)

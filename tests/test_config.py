@@ -1,8 +1,8 @@
 """LazyConfig: presets, the one-line syntax, validation, resolution and the prefill arithmetic."""
 
 from lazyllm_mlx import LazyConfig, default_schedule
-from lazyllm_mlx.cmd_generate import resolve_schedule
 from lazyllm_mlx.config import Schedule, as_config
+from lazyllm_mlx.generate import resolve_schedule
 
 import pytest
 from tiny_models import tiny_model

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import lazyllm_mlx
 from lazyllm_mlx import cli, convert, generate_step, load
-from lazyllm_mlx.cmd_generate import resolve_schedule
 from lazyllm_mlx.config import LazyConfig
-from lazyllm_mlx.gguf_loader import load_gguf
+from lazyllm_mlx.generate import resolve_schedule
+from lazyllm_mlx.gguf.loader import load_gguf
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -260,16 +259,11 @@ def test_cli_convert_then_generate_uses_the_stored_schedule(tmp_path, gguf_files
     assert report["runs"]["lazy"]["schedule"] == "2:0.5;min=4"
 
 
-def test_python_api_is_exported():
-    assert lazyllm_mlx.convert is convert and "convert" in lazyllm_mlx.__all__
-    assert "convert" in cli.COMMANDS
-
-
 def test_the_default_model_converts_with_its_tokenizer(tmp_path):
     """SmolLM2 (GGUF Q4_1) to a 4-bit folder: config, weights and the tokenizer survive."""
     from lazyllm_mlx.default_model import default_model_path
-    from lazyllm_mlx.gguf_reader import read_header
-    from lazyllm_mlx.gguf_tokenizer import build_tokenizer
+    from lazyllm_mlx.gguf.reader import read_header
+    from lazyllm_mlx.gguf.tokenizer import build_tokenizer
 
     from mlx_lm.utils import load_tokenizer
 

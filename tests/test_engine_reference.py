@@ -1,24 +1,16 @@
 """The engine against a literal, independent LazyLLM (tests/reference_lazyllm.py)."""
 
+from dataclasses import replace
+
 import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, make_lazy_cache
 from lazyllm_mlx.engine import LazyStats, lazy_forward
 from lazyllm_mlx.families import family_of
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from reference_lazyllm import ReferenceLazyLLM
-from tiny_models import random_prompt, tiny_model
-
-
-def store_positions(cache):
-    out = []
-    for store in cache.stages:
-        positions = set(np.array(store.positions[: store.size]).tolist())
-        assert len(positions) == store.size, "a token holds KV twice in one stage"
-        out += [positions] * len(store.layers)
-    return out
+from tiny_models import random_prompt, store_positions, tiny_model
 
 
 def prefill_and_decode_against(reference, family, cache, prompt, revive: bool) -> LazyStats:
@@ -51,7 +43,7 @@ def test_engine_matches_reference(schedule, revive, variant, monkeypatch):
     if variant == "split":
         monkeypatch.setattr(engine, "_SPLIT_MIN_TOKENS", 1)
     model = tiny_model("llama", num_hidden_layers=10)
-    config = LazyConfig.parse(schedule).with_options(revive=revive)
+    config = replace(LazyConfig.parse(schedule), revive=revive)
     cache = make_lazy_cache(model, config)
     family = family_of(model)
     reference = ReferenceLazyLLM(model, cache.schedule)

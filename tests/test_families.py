@@ -1,5 +1,6 @@
-"""Every supported family on a tiny random mlx-lm model: exact when nothing is pruned, sound when
-pruning (a position-based oracle for pruned prefill, revival and the once-per-layer invariant)."""
+"""Every supported family on a tiny random mlx-lm model: exact when nothing is pruned (greedy
+tokens, prefill and decode logits, mlx-lm's own forward pass afterwards), sound when pruning (a
+position-based oracle for pruned prefill, revival and the once-per-layer invariant)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
-from test_engine_reference import store_positions
-from tiny_models import random_prompt, tiny_gpt2, tiny_model
+from tiny_models import NOTHING_PRUNED, random_prompt, store_positions, tiny_gpt2, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "smollm3", "gemma3_text", "phi3"]
 FAMILIES.append("llama_sliding")  # llama blocks with mlx-lm's sliding_attention layer types
 WINDOWED = ["gemma3_text", "llama_sliding"]
 WINDOW = 24  # tiny_models' sliding window: the prompts below are several times longer
 PROMPT = 200
-# keep=0.99999 keeps every token of these prompts but runs the whole selection machinery.
-KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
-NOTHING_PRUNED = {"none": "none", "keep-all": KEEP_ALL}
 
 
 @functools.cache
@@ -70,7 +67,7 @@ def test_greedy_tokens_match_mlx_lm(family, lazy):
     assert len(set(expected)) > 1, "a constant continuation would prove little"
 
 
-@pytest.mark.parametrize("step_size", [2048, 16])
+@pytest.mark.parametrize("step_size", [2048, 16, 7])
 @pytest.mark.parametrize("lazy", NOTHING_PRUNED.values(), ids=NOTHING_PRUNED.keys())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_logits_match_mlx_lm(family, lazy, step_size):
@@ -84,6 +81,38 @@ def test_last_logits_match_mlx_lm(family, lazy, step_size):
     )
     assert mx.abs(got - expected).max().item() < 1e-4
     assert stats.prefill_fraction == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_logits_match_mlx_lm_step_by_step(family):
+    """Nothing pruned, the decode steps (selection from layer 0 at every boundary) give mlx-lm's
+    logits against its own caches, token by token, and revive nothing."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = model_of(family)
+    prompt = random_prompt(100)
+    mlx_cache = make_prompt_cache(model)
+    expected = model(prompt[None], cache=mlx_cache)[:, -1, :]
+    cache = make_lazy_cache(model, NOTHING_PRUNED["keep-all"])
+    stats = LazyStats(len(model.layers))
+    handles = family_of(model)
+    got = lazy_forward(handles, cache, prompt, stats, prune=True, decoding=False)
+    for _ in range(10):
+        assert mx.abs(got - expected).max().item() < 1e-4
+        token = mx.argmax(expected, axis=-1)
+        expected = model(token[None], cache=mlx_cache)[:, -1, :]
+        got = lazy_forward(handles, cache, token, stats, prune=True, decoding=True)
+    assert stats.revived == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_model_still_runs_in_mlx_lm_after_lazy_use(family):
+    """The RoPE wrappers the engine installs leave mlx-lm's own forward pass unchanged."""
+    model = model_of(family)
+    prompt = random_prompt(60)
+    before = model(prompt[None])
+    list(generate_step(prompt, model, lazy="paper", max_tokens=4))
+    assert mx.array_equal(model(prompt[None]), before)
 
 
 @pytest.mark.parametrize("step_size", [2048, 16])

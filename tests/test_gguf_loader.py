@@ -6,7 +6,7 @@ import importlib.util
 import struct
 
 import lazyllm_mlx  # noqa: F401  (OpenBLAS before mlx)
-from lazyllm_mlx.gguf_loader import llama3_rope_factors, load_gguf
+from lazyllm_mlx.gguf.loader import llama3_rope_factors, load_gguf
 
 import gguf
 import mlx.core as mx

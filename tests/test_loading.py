@@ -6,10 +6,9 @@ import importlib.util
 import json
 
 import lazyllm_mlx  # noqa: F401  (OpenBLAS before mlx)
-from lazyllm_mlx import loading
 from lazyllm_mlx.default_model import default_model_path
-from lazyllm_mlx.gguf_loader import load_gguf
-from lazyllm_mlx.loading import load
+from lazyllm_mlx.gguf.loader import load_gguf
+from lazyllm_mlx.loading import load, load_source
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -220,7 +219,7 @@ def test_default_tokenizer_agrees_with_transformers_gguf_converter(smollm2):
     """An independent build of the same file. (That converter lacks SmolLM2's Digits pre-step, so
     it differs on newline-space runs before a digit; HF's tokenizer.json and llama.cpp have it.)"""
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    from lazyllm_mlx.gguf_reader import read_header
+    from lazyllm_mlx.gguf.reader import read_header
 
     meta = read_header(default_model_path()).metadata
     keys = mapping.GGUF_TOKENIZER_MAPPING["tokenizer"]
@@ -239,5 +238,14 @@ def test_default_tokenizer_agrees_with_transformers_gguf_converter(smollm2):
         assert ours.encode(text) == theirs.encode(text).ids
 
 
-def test_loading_module_exports():
-    assert loading.load is load
+def test_load_source_keeps_the_stored_dtype_unless_asked(tmp_path, tiny_tokenizer):
+    """What convert reads: no float32 cast on the CPU; GGUF weights dequantize to float16."""
+    folder, gguf = tmp_path / "folder", write_tiny_gguf(tmp_path / "tiny.gguf").path
+    folder.mkdir()
+    _write_folder(folder, tiny_tokenizer)  # float16 weights
+    for source in (folder, gguf):
+        model, _, _, path = load_source(source)
+        assert path == source
+        assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.float16}
+    model, _, _, _ = load_source(folder, mx.bfloat16)
+    assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.bfloat16}

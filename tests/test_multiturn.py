@@ -1,14 +1,13 @@
 """Conversations through a LazyCache, and saving/loading it."""
 
 from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
-from lazyllm_mlx.cache_io import load_lazy_cache, save_lazy_cache
+from lazyllm_mlx.prompt_cache import load_lazy_cache, save_lazy_cache
 
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from tiny_models import random_prompt, tiny_model
+from tiny_models import KEEP_ALL, random_prompt, tiny_model
 
-KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
 TURNS = [random_prompt(120, seed=1), random_prompt(80, seed=2), random_prompt(30, seed=3)]
 
 
@@ -159,3 +158,17 @@ def test_stopping_early_leaves_a_consistent_cache(model):
         positions = store.positions[: store.size].tolist()
         assert len(set(positions)) == len(positions) < cache.offset + 1
     converse(model, "paper", cache, TURNS[2:3])
+
+
+def test_a_lazy_cache_speaks_mlx_lm_cache_protocol(model):
+    """mlx-lm's own helpers trim it and see its size; nbytes counts KV, aux rows and queries."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cache = make_lazy_cache(model, "paper;w=4")
+    assert cache.nbytes == 0 and cache.size() == 0
+    converse(model, "paper;w=4", cache, TURNS[:1])
+    held, kv = cache.nbytes, cache.kv_bytes()
+    assert cache.size() == cache.offset == TURNS[0].size + 12
+    assert held > kv > 0, "pruned tokens wait in the aux caches, queries in the windows"
+    assert can_trim_prompt_cache([cache]) and trim_prompt_cache([cache], 5) == 5
+    assert cache.size() == TURNS[0].size + 7 and cache.kv_bytes() < kv and cache.nbytes < held

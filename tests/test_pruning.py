@@ -1,8 +1,6 @@
 """Selection rules as properties: top-k by score, forced tokens kept, order kept, counts from keep,
 and the ranking rule's pieces (window attention, pooling, always-kept tokens) against naive code."""
 
-import math
-
 from lazyllm_mlx.config import boundary_count, kept_count
 from lazyllm_mlx.pruning import (
     always_kept,
@@ -51,11 +49,18 @@ def test_split_top_partitions_the_tokens(scores, keep):
 
 
 @given(n=st.integers(1, 100_000), keep=st.floats(0.001, 1.0))
-def test_kept_count_is_the_ceiling_of_the_fraction(n, keep):
+def test_kept_count_keeps_the_fraction_and_not_one_token_more(n, keep):
     count = kept_count(n, keep)
     assert 1 <= count <= n
-    assert count == max(1, min(n, math.ceil(round(keep * n, 6))))
+    assert count >= keep * n - 1e-6  # at least the fraction asked for (up to float noise)
+    assert count == 1 or count - 1 < keep * n + 1e-6  # one token fewer would fall short
     assert kept_count(n, 1.0) == n
+
+
+def test_kept_count_is_not_fooled_by_float_noise():
+    assert 0.07 * 100 > 7 and kept_count(100, 0.07) == 7
+    assert kept_count(3, 1 / 3) == 1 and kept_count(1000, 0.7) == 700
+    assert kept_count(7, 0.0001) == 1  # the last token always goes on
 
 
 @given(n=st.integers(1, 5000), a=st.floats(0.01, 1.0), b=st.floats(0.01, 1.0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
+from lazyllm_mlx import generate_step, make_lazy_cache
 from lazyllm_mlx.engine import LazyStats, lazy_forward
 from lazyllm_mlx.families import family_of
 
@@ -15,11 +15,8 @@ import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.utils import quantize_model
-from test_engine_reference import store_positions
-from tiny_models import random_prompt, tiny_model
+from tiny_models import NOTHING_PRUNED, random_prompt, store_positions, tiny_model
 
-KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
-NOTHING_PRUNED = {"none": "none", "keep-all": KEEP_ALL}
 BITS_AND_GROUPS = [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (8, 128)]
 # Tied embeddings (QuantizedEmbedding.as_linear), biases + lm_head, scaled embeddings and windows,
 # fused qkv, quantized experts.

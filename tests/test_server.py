@@ -9,8 +9,8 @@ import urllib.error
 import urllib.request
 
 from lazyllm_mlx import LazyConfig, generate
-from lazyllm_mlx.server import make_server
-from lazyllm_mlx.server_generation import GenerationService, StopText
+from lazyllm_mlx.server import GenerationService, make_server
+from lazyllm_mlx.server.service import StopText
 
 import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper

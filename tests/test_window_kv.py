@@ -4,19 +4,18 @@ refuses to go where the dropped keys would be needed."""
 
 from __future__ import annotations
 
-from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
 from lazyllm_mlx import cache as cache_module
-from lazyllm_mlx.cache_io import load_lazy_cache, save_lazy_cache
+from lazyllm_mlx import generate_step, make_lazy_cache
 from lazyllm_mlx.families import family_of
+from lazyllm_mlx.prompt_cache import load_lazy_cache, save_lazy_cache
 from lazyllm_mlx.pruning import scoring_layer
 
 import pytest
 from mlx_lm.generate import generate_step as mlx_generate_step
-from tiny_models import random_prompt, tiny_model
+from tiny_models import KEEP_ALL, random_prompt, tiny_model
 
 WINDOW = 24  # tiny_models' sliding window
 SLACK, STEP = 8, 16  # small enough that a 200-token prompt drops keys
-KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
 FAMILIES = ["gemma3_text", "llama_sliding"]
 
 

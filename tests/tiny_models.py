@@ -1,14 +1,18 @@
-"""Tiny random mlx-lm models, one per family, built from mlx-lm's own ModelArgs."""
+"""What the tests share: tiny random mlx-lm models (one per family, from mlx-lm's own ModelArgs),
+a tiny tokenizer, random prompts, the schedules that prune nothing, and the KV positions a cache
+holds."""
 
 from __future__ import annotations
 
 import lazyllm_mlx  # noqa: F401  (OpenBLAS preload before mlx)
+from lazyllm_mlx import LazyConfig
+from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import _get_classes
 
 COMMON = dict(
     hidden_size=64,
@@ -55,11 +59,16 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 
 
+# keep=0.99999 keeps every token of the tests' prompts but runs the whole selection machinery
+# (scoring, top-k, gathered keys, per-token RoPE, revival bookkeeping).
+KEEP_ALL = LazyConfig(boundaries=(3, 6, 9), keep=(0.99999,) * 3)
+NOTHING_PRUNED = {"none": "none", "keep-all": KEEP_ALL}
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     config = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
-    model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
-    model = model_class(args_class.from_dict(config))
+    model = model_from_config(config)
     # Larger-than-default weights so attention is peaked and token choices are not near-ties.
     params = [(k, v * 2.0) for k, v in tree_flatten(model.parameters()) if "norm" not in k]
     if config["model_type"] == "gemma3_text":
@@ -84,8 +93,7 @@ def tiny_gpt2(vocab: int = 128) -> tuple[dict, nn.Module]:
         layer_norm_epsilon=1e-5,
         vocab_size=vocab,
     )
-    model_class, args_class = _get_classes(config)
-    return config, model_class(args_class.from_dict(config))
+    return config, model_from_config(config)
 
 
 def random_prompt(length: int, vocab: int = 128, seed: int = 1) -> mx.array:
@@ -102,3 +110,13 @@ def tiny_tokenizer(vocab: int = 128) -> TokenizerWrapper:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0")
     return TokenizerWrapper(fast)
+
+
+def store_positions(cache) -> list[set[int]]:
+    """Per layer, the positions holding KV in a LazyCache; fails if a stage holds one twice."""
+    out = []
+    for store in cache.stages:
+        positions = set(np.array(store.positions[: store.size]).tolist())
+        assert len(positions) == store.size, "a token holds KV twice in one stage"
+        out += [positions] * len(store.layers)
+    return out

@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from lazyllm_mlx.eval_score import paired_accuracy_delta
+from lazyllm_mlx.evals.scores import paired_accuracy_delta
 
 
 def _fmt(value: Any, spec: str) -> str:

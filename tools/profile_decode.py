@@ -21,7 +21,7 @@ import time
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
 import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyConfig, LazyStats, generate_step, load
-from lazyllm_mlx.bench import real_text_tokens
+from lazyllm_mlx.evals.sources import real_text_tokens
 
 import mlx.core as mx
 

@@ -19,23 +19,24 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from .cache import LazyCache
+
+def _per_layer(cache: Any) -> list:
+    """mlx-lm's prompt cache is a list of per-layer caches; a LazyCache is one for all layers.
+    Either way each speaks mlx-lm's cache protocol (offset, is_trimmable, trim, state)."""
+    return cache if isinstance(cache, list) else [cache]
 
 
 def cache_offset(cache: Any) -> int:
     """Tokens held by a LazyCache or an mlx-lm list cache."""
-    return cache.offset if isinstance(cache, LazyCache) else cache[0].offset
+    return _per_layer(cache)[0].offset
 
 
 def trim_cache(cache: Any, num_tokens: int) -> bool:
     """Forget the last `num_tokens` tokens; False when the cache cannot be trimmed."""
     if num_tokens <= 0:
         return True
-    if isinstance(cache, LazyCache):
-        return cache.trim(num_tokens) == num_tokens
-    if not can_trim_prompt_cache(cache):
-        return False
-    return trim_prompt_cache(cache, num_tokens) == num_tokens
+    layers = _per_layer(cache)
+    return can_trim_prompt_cache(layers) and trim_prompt_cache(layers, num_tokens) == num_tokens
 
 
 @dataclass
@@ -82,5 +83,5 @@ class PromptCaches:
 
 def settle(cache: Any) -> None:
     """Evaluate pending cache writes: the next request may run on another thread."""
-    state = cache.state if isinstance(cache, LazyCache) else [c.state for c in cache]
+    state = [c.state for c in _per_layer(cache)]
     mx.eval([a for _, a in tree_flatten(state) if isinstance(a, mx.array)])

@@ -6,29 +6,27 @@ import argparse
 import json
 import sys
 
-from .cmd_generate import resolve_schedule
-from .families import family_of
-from .loading import load
-from .server import make_server
-from .server_generation import GenerationService
+from ..default_model import DEFAULT_MODEL_NAME
+from ..families import family_of
+from ..generate import resolve_schedule
+from ..loading import load
+from ..server import GenerationService, make_server
+from .common import add_model_argument, add_prefill_step_size_argument, add_schedule_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    add_model_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on")
-    parser.add_argument(
-        "--schedule",
-        default=None,
-        help="Default LazyLLM schedule (a preset, a schedule string, or 'off' for plain mlx-lm); "
-        'a request may choose its own with the extra field "lazy". Default: the model\'s '
-        "stored schedule, else its family's calibrated preset ('safe' for Gemma 3), else "
-        "'default'.",
+    add_schedule_argument(
+        parser,
+        "Default LazyLLM schedule (a preset, a schedule string, or 'off' for plain mlx-lm); "
+        'a request may choose its own with the extra field "lazy".',
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens")
     parser.add_argument("--temp", type=float, default=0.0, help="Default temperature")
     parser.add_argument("--top-p", type=float, default=1.0, help="Default top_p")
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    add_prefill_step_size_argument(parser)
     parser.add_argument(
         "--chat-template-args", default=None, help="JSON dict of apply_chat_template arguments"
     )
@@ -51,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         tokenizer,
         lazy=lazy,
-        model_id=args.model or "SmolLM2-135M-Instruct",
+        model_id=args.model or DEFAULT_MODEL_NAME,
         max_tokens=args.max_tokens,
         temperature=args.temp,
         top_p=args.top_p,

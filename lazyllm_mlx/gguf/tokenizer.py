@@ -3,6 +3,12 @@
 Two kinds: byte-level BPE (`gpt2`: vocabulary + merges + a pre-tokenizer named by `ggml.pre`) and
 SentencePiece-style BPE (`llama`: vocabulary + scores, byte fallback; merges rebuilt from scores).
 The result is a `PreTrainedTokenizerFast` in mlx-lm's `TokenizerWrapper`, as `mlx_lm.load` returns.
+
+Why not transformers' own GGUF converter (`transformers.integrations.gguf`): it has no pre-tokenizer
+step for `ggml.pre` = "smollm" (digits split one by one before the byte-level step), so on
+SmolLM2, our default model, it tokenizes differently from HF's tokenizer.json and from llama.cpp
+(e.g. a newline-space run before a digit). Built here, each `ggml.pre` we know gets the split
+of its reference tokenizer.
 """
 
 from __future__ import annotations

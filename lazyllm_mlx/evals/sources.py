@@ -15,6 +15,7 @@ import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Packages whose files are tests, demos, vendored or generated code rather than library source.
 _SKIP_PARTS = {
@@ -66,6 +67,15 @@ def doc_topics() -> list[str]:
 
 def topic_text(name: str) -> str:
     return pydoc_data.topics.topics[name]
+
+
+def real_text_tokens(tokenizer: Any, count: int) -> list[int]:
+    """`count` tokens of real English text: the reference documentation's topics in order."""
+    text = "\n\n".join(topic_text(name) for name in doc_topics())
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    if len(tokens) < count:
+        raise ValueError(f"Only {len(tokens)} tokens of documentation text; asked for {count}.")
+    return tokens[:count]
 
 
 def topic_paragraphs(name: str) -> list[str]:

@@ -18,15 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
-from .config import LazyConfig, kept_count
-from .eval_baselines import BaselineStore
-from .eval_score import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
-from .eval_tasks import Task, build_tasks
-from .families import family_of
-from .generate import stream_generate
+from ..config import LazyConfig, kept_count
+from ..families import family_of
+from .baselines import BaselineStore
+from .measure import generate_once, warm_up
+from .scores import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
+from .tasks import Task, build_tasks
 
 FAMILIES = ("baseline", "none", "lazy", "random", "static")
 
@@ -54,7 +53,7 @@ class Outcome:
     ttft: float
     logprobs: np.ndarray
     prefill_fraction: float
-    reused: bool = False  # a stored baseline outcome (eval_baselines), not a fresh run
+    reused: bool = False  # a stored baseline outcome (evals.baselines), not a fresh run
 
 
 def static_config(
@@ -97,7 +96,7 @@ def build_methods(
         for text, config in lazy:
             if not config.resolve(num_layers).boundaries or config.selection == "random":
                 continue
-            randomized = config.with_options(selection="random", name=None)
+            randomized = replace(config, selection="random", name=None)
             methods.append(Method(f"random[{text}]", "random", randomized, text))
             static = static_config(config, num_layers, num_tokens)
             methods.append(Method(f"static[{text}]", "static", static, text))
@@ -122,18 +121,12 @@ def run_baseline(
 
 
 def run_once(model: Any, tokenizer: Any, task: Task, method: Method) -> Outcome:
-    tokens, texts, first = [], [], None
-    response = None
-    for response in stream_generate(
-        model, tokenizer, task.tokens, max_tokens=task.max_tokens, lazy=method.lazy
-    ):
-        if first is None:
-            first = np.array(response.logprobs.astype(mx.float32))
-        tokens.append(response.token)
-        texts.append(response.text)
-    stats = response.lazy
+    run = generate_once(
+        model, tokenizer, task.tokens, method.lazy, max_tokens=task.max_tokens, first_logprobs=True
+    )
+    stats = run.last.lazy
     fraction = stats.prefill_fraction if stats is not None else 1.0
-    return Outcome(tokens, "".join(texts), response.ttft, first, fraction)
+    return Outcome(run.tokens, run.text, run.last.ttft, run.first_logprobs, fraction)
 
 
 def _record(task: Task, outcome: Outcome, base: Outcome) -> dict[str, Any]:
@@ -184,14 +177,6 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
     )
 
 
-def warm_up(model: Any, tokenizer: Any, task: Task, methods: list[Method]) -> None:
-    """One-time costs (allocation, kernels) off the clock: a short run of every method."""
-    n = min(len(task.tokens), 320)
-    short = replace(task, index=-1, tokens=task.tokens[-n:], max_tokens=2)
-    for method in methods:
-        run_once(model, tokenizer, short, method)
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -226,7 +211,7 @@ def evaluate(
             prompts = [replace(t, max_tokens=max_tokens) for t in prompts]
         methods = build_methods(schedules, num_layers, length, references, include_none)
         if not warmed:
-            warm_up(model, tokenizer, prompts[0], methods)
+            warm_up(model, tokenizer, prompts[0].tokens, [m.lazy for m in methods])
             warmed = True
         records: dict[str, list[dict]] = {m.label: [] for m in methods}
         for i, task in enumerate(prompts):

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .cache_io import model_fingerprint
-from .eval_tasks import Task
+from ..prompt_cache import model_fingerprint
+from .tasks import Task
 
 
 class BaselineStore:

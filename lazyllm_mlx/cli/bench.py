@@ -9,13 +9,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .bench import format_table, run_bench
-from .config import LazyConfig, split_schedules
-from .loading import load
+from ..config import LazyConfig, split_schedules
+from ..evals.bench import format_table, run_bench
+from ..loading import load
+from .common import add_model_argument, add_prefill_step_size_argument, model_label, stderr_log
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    add_model_argument(parser)
     parser.add_argument("--lengths", default="1024,2048,4096", help="Prompt lengths in tokens")
     parser.add_argument(
         "--schedules",
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--runs", type=int, default=3, help="Measured runs per cell (+1 warm-up)")
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per run")
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    add_prefill_step_size_argument(parser)
     parser.add_argument("--json", help="Write the results to this JSON file")
     parser.add_argument("--plot-dir", help="Write speedup.png and tokens_per_layer.png here")
     parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
@@ -45,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         revivable = [s for s in schedules if "norevive" not in s and LazyConfig.parse(s).boundaries]
         schedules += [f"{s};norevive" for s in revivable]
     model, tokenizer = load(args.model)
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    name = args.model or "SmolLM2-135M-Instruct (default)"
+    log = stderr_log(args.quiet)
+    name = model_label(args.model)
     context = dict(model=name, device=str(mx.default_device()), runs=args.runs,
                    max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size,
                    command=" ".join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
           f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
     print(format_table(rows))
     if args.plot_dir:
-        from .plots import plot_speedup, plot_tokens_per_layer
+        from ..evals.plots import plot_speedup, plot_tokens_per_layer
 
         out = Path(args.plot_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,12 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "generate": ("lazyllm_mlx.cmd_generate", "generate text, LazyLLM vs baseline with --compare"),
-    "bench": ("lazyllm_mlx.cmd_bench", "TTFT, throughput and memory: baseline vs schedules"),
-    "eval": ("lazyllm_mlx.cmd_eval", "long-context quality: baseline vs schedules vs references"),
-    "convert": ("lazyllm_mlx.cmd_convert", "HF folder, hub id or GGUF -> MLX folder (+ schedule)"),
-    "cache-prompt": ("lazyllm_mlx.cmd_cache_prompt", "prefill a long document once, save it"),
-    "serve": ("lazyllm_mlx.cmd_serve", "OpenAI-compatible HTTP server (LazyLLM prefill)"),
+    "generate": ("lazyllm_mlx.cli.generate", "generate text, LazyLLM vs baseline with --compare"),
+    "bench": ("lazyllm_mlx.cli.bench", "TTFT, throughput and memory: baseline vs schedules"),
+    "eval": ("lazyllm_mlx.cli.eval", "long-context quality: baseline vs schedules vs references"),
+    "convert": ("lazyllm_mlx.cli.convert", "HF folder, hub id or GGUF -> MLX folder (+ schedule)"),
+    "cache-prompt": ("lazyllm_mlx.cli.cache_prompt", "prefill a long document once, save it"),
+    "serve": ("lazyllm_mlx.cli.serve", "OpenAI-compatible HTTP server (LazyLLM prefill)"),
 }
 
 
@@ -39,7 +39,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,15 +17,6 @@ _NUMBER = re.compile(r"\d+")
 _FENCE = re.compile(r"^\s*```")
 
 
-def normalize(text: str) -> str:
-    """Lowercase, outer whitespace, quotes, backticks and final punctuation removed."""
-    return text.strip().strip("\"'`").rstrip(".!?,;:").strip().strip("\"'`").lower()
-
-
-def exact_match(prediction: str, answer: str) -> float:
-    return float(normalize(prediction) == normalize(answer))
-
-
 def number_match(output: str, answer: str) -> float:
     """1 if the first number in `output` is exactly `answer` (digits as written), else 0."""
     found = _NUMBER.search(output)
@@ -57,8 +48,6 @@ def score_answer(scorer: str, output: str, answer: str) -> float:
         return number_match(output, answer)
     if scorer == "contains":
         return contains_word(output, answer)
-    if scorer == "exact":
-        return exact_match(output, answer)
     if scorer == "edit":
         return edit_similarity(first_code_line(output), answer.strip())
     raise ValueError(f"Unknown scorer {scorer!r}.")

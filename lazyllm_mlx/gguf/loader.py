@@ -1,8 +1,8 @@
 """Load a llama.cpp GGUF file as an unmodified mlx-lm model plus its tokenizer.
 
-Tensors are read by `gguf_reader` and dequantized with `gguf.quants`. llama.cpp stores llama q/k
-weights permuted for its interleaved RoPE and Gemma norms as w+1: both are undone, so mlx-lm's own
-classes run unchanged.
+Tensors are read by `.reader` and dequantized with gguf-py's `gguf.quants`. llama.cpp stores
+llama q/k weights permuted for its interleaved RoPE and Gemma norms as w+1: both are undone, so
+mlx-lm's own classes run unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .gguf_reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
+from .._mlx_lm_private import model_from_config
+from .._platform import default_dtype
+from .reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
 
 # llama.cpp architecture -> (mlx-lm model_type, per-architecture tensor name overrides)
 ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
@@ -47,6 +49,8 @@ _BLOCK_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# GGUF weights are dequantized to this float type unless asked for another (CPU runs: float32).
+GGUF_DEFAULT_DTYPE = "float16"
 # Tensors that carry RoPE parameters rather than weights; read into the config.
 _ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -219,12 +223,6 @@ def _llama3_scaling(header, factors, config: dict, dims: int, original: int | No
     return scaling
 
 
-def _target_dtype(dtype: mx.Dtype | None) -> mx.Dtype:
-    if dtype is not None:
-        return dtype
-    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
-
-
 def _progress(total: int, label: str, show: bool | None):
     if show is None:
         show = sys.stderr.isatty()
@@ -243,9 +241,9 @@ def load_gguf(
     return_config: bool = False,
 ) -> tuple:
     """Load a GGUF file as `(model, tokenizer)` (plus the config with return_config), like
-    `mlx_lm.load`. Weights are dequantized to `dtype` (default: float32 on CPU, float16 on GPU).
+    `mlx_lm.load`. Weights are dequantized to `dtype` (default: float32 on CPU, else float16).
     `progress` shows a progress bar on stderr (default: when stderr is a terminal)."""
-    from .gguf_tokenizer import build_tokenizer
+    from .tokenizer import build_tokenizer
 
     header = read_header(path)
     arch = header.metadata.get("general.architecture")
@@ -254,7 +252,8 @@ def load_gguf(
     config = gguf_to_config(header, lambda info: read_tensor(data, info))
     config.update(model_config or {})
     tokenizer = build_tokenizer(header.metadata, header.path, tokenizer_config)
-    fix, dtype = _weight_fixer(arch, config), _target_dtype(dtype)
+    fix = _weight_fixer(arch, config)
+    dtype = dtype or default_dtype(getattr(mx, GGUF_DEFAULT_DTYPE))
     weights = {}
     with _progress(len(names), f"Loading {header.path.name}", progress) as bar:
         for name, target in names.items():
@@ -291,10 +290,8 @@ def _weight_names(header: GGUFHeader, arch: Any) -> dict[str, str]:
 def _build_model(path: Path, config: dict, weights: dict[str, mx.array]) -> Any:
     """An mlx-lm model of config's family holding exactly `weights`."""
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
 
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
+    model = model_from_config(config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     expected = {k for k, _ in tree_flatten(model.parameters())}

@@ -12,14 +12,14 @@ import datetime
 import json
 import platform
 import shlex
-import sys
 from typing import Any
 
-from .config import split_schedules
-from .eval_baselines import BaselineStore
-from .eval_run import best_schedule, evaluate
-from .eval_tasks import TASKS
-from .loading import load
+from ..config import split_schedules
+from ..evals.baselines import BaselineStore
+from ..evals.run import best_schedule, evaluate
+from ..evals.tasks import TASKS
+from ..loading import load
+from .common import add_model_argument, model_label, stderr_log
 
 # Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
 # the `default` layout (a first half unpruned) at a milder and its own keep.
@@ -49,7 +49,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    add_model_argument(parser)
     parser.add_argument(
         "--schedules",
         nargs="+",
@@ -152,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         schedules = split_schedules(args.schedules)
     if args.plot:
-        from .eval_plot import require_matplotlib
+        from ..evals.plots import pyplot
 
-        require_matplotlib()  # before the long run, not after it
+        pyplot()  # fails before the long run, not after it
     model, tokenizer = load(args.model)
     chat = None if args.chat == "auto" else args.chat == "on"
     report = evaluate(
@@ -169,11 +169,11 @@ def run(args: argparse.Namespace) -> int:
         chat=chat,
         references=not (args.no_references or searching),
         include_none=not (args.no_none or searching),
-        log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+        log=stderr_log(args.quiet),
         baselines=BaselineStore(args.baseline_cache, model) if args.baseline_cache else None,
     )
     report = dict(
-        model=args.model or "default (SmolLM2-135M-Instruct)",
+        model=model_label(args.model),
         command=command_line(args),
         python=platform.python_version(),
         date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
     if args.plot:
-        from .eval_plot import plot_report
+        from ..evals.plots import plot_report
 
         plot_report(report, args.plot)
     return 0

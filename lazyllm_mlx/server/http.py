@@ -14,14 +14,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .server_generation import GenerationService
-from .server_protocol import (
+from .protocol import (
     CompletionRequest,
     RequestError,
     parse_request,
     response_body,
     usage_chunk,
 )
+from .service import GenerationService
 
 MAX_BODY_BYTES = 64 << 20
 KEEPALIVE_SECONDS = 1.0

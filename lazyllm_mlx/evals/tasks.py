@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .eval_sources import (
+from .sources import (
     FunctionDoc,
     doc_topics,
     function_docs,
@@ -59,7 +59,7 @@ class Task:
     index: int
     tokens: list[int]
     answer: str
-    scorer: str  # "number", "contains" or "edit" (see eval_score)
+    scorer: str  # "number", "contains" or "edit" (see .scores)
     max_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from .config import LazyConfig
-from .generate import default_schedule, stream_generate
-from .loading import load
+from ..evals.measure import generate_once, warm_up
+from ..evals.scores import prefix_fraction
+from ..generate import resolve_schedule
+from ..loading import load
+from ..prompt_cache import cached_model, continue_from_file
+from .common import (
+    add_chat_template_arguments,
+    add_model_argument,
+    add_prefill_step_size_argument,
+    add_schedule_argument,
+    chat_template_config,
+    model_label,
+    progress_bar,
+    read_prompt,
+)
 
 DEFAULT_PROMPT = "hello"
 
@@ -24,7 +34,7 @@ def str2bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF/MLX folder, hub id or .gguf file (default: SmolLM2)")
+    add_model_argument(parser)
     parser.add_argument(
         "--prompt", "-p", default=DEFAULT_PROMPT, help="Message for the model ('-' reads stdin)"
     )
@@ -36,22 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k")
     parser.add_argument("--min-tokens-to-keep", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument(
-        "--chat-template-config", default=None, help="JSON dict of apply_chat_template arguments"
-    )
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    add_chat_template_arguments(parser)
+    add_prefill_step_size_argument(parser)
     parser.add_argument(
         "--verbose", type=str2bool, default=True, help="'False' prints only the generated text"
     )
-    parser.add_argument(
-        "--schedule",
-        default=None,
-        help="LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
+    add_schedule_argument(
+        parser,
+        "LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
         "'boundary:keep,...[;min=N][;norevive]' e.g. 0.3:0.7,0.6:0.7 (depth fractions) or "
-        "9:0.7,18:0.5 (layers). Default: the model's stored schedule, else its family's calibrated "
-        "preset ('safe' for Gemma 3), else 'default'.",
+        "9:0.7,18:0.5 (layers).",
     )
     parser.add_argument(
         "--compare", action="store_true", help="Run baseline and lazy on the same prompt"
@@ -64,18 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-        text = sys.stdin.read() if text == "-" else text
-    if not text.strip():
-        raise ValueError("The prompt is empty.")
-    return text
-
-
 def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
     """The chat template is applied here, as mlx-lm's CLI does, never silently by the API."""
     use_template = not args.ignore_chat_template and tokenizer.has_chat_template
@@ -84,32 +76,11 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
         if args.system_prompt is not None:
             messages.append({"role": "system", "content": args.system_prompt})
         messages.append({"role": "user", "content": text})
-        extra = json.loads(args.chat_template_config) if args.chat_template_config else {}
+        extra = chat_template_config(args)
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **extra
         )
     return tokenizer.encode(text, add_special_tokens=not use_template)
-
-
-def resolve_schedule(model, name: str | None) -> LazyConfig | None:
-    if name == "off":
-        return None
-    if name is None:
-        return default_schedule(model)
-    return LazyConfig.parse(name)
-
-
-def progress_bar(label: str):
-    """A live prefill progress line on stderr when it is a terminal; silent otherwise."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        print(f"\r{label}: prefill {done}/{total} tokens ({done / max(total, 1):.0%})",
-              end=end, file=sys.stderr, flush=True)  # fmt: skip
-
-    return show
 
 
 def run_once(
@@ -117,43 +88,35 @@ def run_once(
 ) -> dict[str, Any]:
     if args.seed is not None:
         mx.random.seed(args.seed)
-    mx.reset_peak_memory()
     sampler = make_sampler(
         args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k
     )
-    ids, text, last = [], "", None
-    start = time.perf_counter()
-    for last in stream_generate(
+    run = generate_once(
         model,
         tokenizer,
         tokens,
+        lazy,
         max_tokens=args.max_tokens,
-        lazy=lazy,
+        on_text=(lambda text: print(text, end="", flush=True)) if echo else None,
         sampler=sampler,
         prefill_step_size=args.prefill_step_size,
         prompt_progress_callback=progress_bar(label),
         prompt_cache=prompt_cache,
-    ):
-        ids.append(last.token)
-        text += last.text
-        if echo:
-            print(last.text, end="", flush=True)
+    )
     if echo:
         print()
-    if last.finish_reason == "stop":
-        ids.pop()  # the EOS token is reported, not generated text
-    stats = last.lazy
+    last, stats = run.last, run.last.lazy
     return dict(
         schedule=lazy.to_string() if lazy is not None else "baseline",
-        text=text,
-        tokens=ids,
+        text=run.text,
+        tokens=run.generated_tokens,  # the EOS token is reported, not generated text
         ttft=last.ttft,
         prompt_tps=last.prompt_tps,
         generation_tokens=last.generation_tokens,
         generation_tps=last.generation_tps,
         peak_memory_gb=last.peak_memory,
         finish_reason=last.finish_reason,
-        total_time=time.perf_counter() - start,
+        total_time=run.total_time,
         prefill_fraction=stats.prefill_fraction if stats else None,
         revived=stats.revived if stats else None,
         aux_bytes=stats.aux_bytes if stats else None,
@@ -163,8 +126,7 @@ def run_once(
 
 def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
     prefix = common_prefix_len(a, b)
-    longest = max(len(a), len(b), 1)
-    return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix / longest)
+    return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix_fraction(a, b))
 
 
 def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
@@ -200,23 +162,32 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_cache_file:
         if args.compare:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
-        from .cmd_cache_prompt import continue_from_file
-
-        model, tokenizer, lazy, tokens, cache = continue_from_file(args, text)
+        if args.schedule == "off":
+            raise ValueError(
+                "A prompt cache file holds LazyLLM state: --schedule 'off' cannot use it."
+            )
+        model, tokenizer = load(args.model or cached_model(args.prompt_cache_file))
+        lazy, tokens, cache = continue_from_file(
+            args.prompt_cache_file,
+            model,
+            tokenizer,
+            text,
+            None if args.schedule is None else resolve_schedule(model, args.schedule),
+            system_prompt=args.system_prompt,
+            chat_template=not args.ignore_chat_template,
+        )
     else:
         model, tokenizer = load(args.model)
         lazy = resolve_schedule(model, args.schedule)
         tokens = prompt_tokens(tokenizer, text, args)
     echo = args.verbose and not args.json and not args.compare
-    report: dict[str, Any] = dict(model=args.model or "default (SmolLM2-135M-Instruct)")
+    report: dict[str, Any] = dict(model=model_label(args.model))
     report["prompt_tokens"] = len(tokens)
     report["cached_tokens"] = cache.offset if cache is not None else 0
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
-        warm = tokens[: min(len(tokens), 64)]  # one-time costs (allocation, kernels) off the clock
-        for warm_lazy in (None, lazy):
-            list(stream_generate(model, tokenizer, warm, max_tokens=2, lazy=warm_lazy))
+        warm_up(model, tokenizer, tokens, (None, lazy))
         runs = {
             "baseline": run_once(model, tokenizer, tokens, None, args, "baseline", echo),
             "lazy": run_once(model, tokenizer, tokens, lazy, args, "lazy", echo),

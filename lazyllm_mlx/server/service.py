@@ -8,8 +8,8 @@ and validating happen before the lock, so a bad request never waits behind a lon
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -19,11 +19,17 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.server import convert_chat
 
-from .config import LazyConfig, as_config
-from .engine import LazyStats
-from .generate import context_length, make_lazy_cache, stream_generate
-from .server_cache import PromptCaches, settle
-from .server_protocol import SERVER_DEFAULT, CompletionRequest, RequestError
+from ..config import LazyConfig, as_config
+from ..engine import LazyStats
+from ..generate import (
+    GenerationResponse,
+    context_length,
+    encode_prompt,
+    make_lazy_cache,
+    stream_generate,
+)
+from .prompt_caches import PromptCaches, settle
+from .protocol import SERVER_DEFAULT, CompletionRequest, RequestError
 
 
 @dataclass
@@ -131,9 +137,7 @@ class GenerationService:
                     f"Token id {max(tokens)} is outside the vocabulary.", param="prompt"
                 )
         elif request.kind == "text":
-            bos = tokenizer.bos_token
-            special = bos is None or not request.prompt.startswith(bos)  # mlx-lm's rule
-            tokens = tokenizer.encode(request.prompt, add_special_tokens=special)
+            tokens = encode_prompt(tokenizer, request.prompt)
         elif tokenizer.has_chat_template:
             options = {**self.chat_template_args, **request.chat_template_kwargs}
             try:
@@ -202,8 +206,16 @@ class GenerationService:
                 )
             except ValueError as error:
                 raise RequestError(str(error)) from None
-            name = "off" if lazy is None else lazy.name or lazy.to_string()
-            return Generation(self, key, name, tokens, cache, reused, responses, request.stop)
+            return Generation(
+                service=self,
+                cache_key=key,
+                schedule="off" if lazy is None else lazy.name or lazy.to_string(),
+                tokens=tokens,
+                cache=cache,
+                reused=reused,
+                responses=responses,
+                stops=request.stop,
+            )
         except BaseException:
             self.lock.release()
             raise
@@ -212,17 +224,22 @@ class GenerationService:
         return make_prompt_cache(self.model) if lazy is None else make_lazy_cache(self.model, lazy)
 
 
+@dataclass(eq=False)
 class Generation:
     """A started request: iterate for text pieces; `finish` is set once they are exhausted."""
 
-    def __init__(self, service, key, name, tokens, cache, reused, responses, stops):
-        self._service, self._key, self._name = service, key, name
-        self._tokens, self._cache, self._reused = tokens, cache, reused
-        self._responses, self._stops = responses, stops
-        self._generated: list[int] = []
-        self._failed = False
-        self._closed = False
-        self.finish: Finish | None = None
+    service: GenerationService
+    cache_key: str  # the prompt-cache slot the request took and gives back
+    schedule: str  # the schedule's name in the response
+    tokens: list[int]  # the whole prompt
+    cache: Any
+    reused: int  # prompt tokens the cache already held
+    responses: Generator[GenerationResponse, None, None]  # from stream_generate
+    stops: list[str]
+    finish: Finish | None = field(default=None, init=False)
+    _generated: list[int] = field(default_factory=list, init=False, repr=False)
+    _failed: bool = field(default=False, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     def __enter__(self) -> Generation:
         return self
@@ -231,10 +248,10 @@ class Generation:
         self.close()
 
     def __iter__(self) -> Iterator[str]:
-        stop = StopText(self._stops)
+        stop = StopText(self.stops)
         last = None
         try:
-            for last in self._responses:
+            for last in self.responses:
                 self._generated.append(last.token)
                 text = stop.add(last.text)
                 if text:
@@ -248,10 +265,10 @@ class Generation:
             raise
         self.finish = Finish(
             reason="stop" if stop.stopped else last.finish_reason,
-            prompt_tokens=len(self._tokens),
+            prompt_tokens=len(self.tokens),
             completion_tokens=len(self._generated),
-            reused_tokens=self._reused,
-            schedule=self._name,
+            reused_tokens=self.reused,
+            schedule=self.schedule,
             ttft=last.ttft,
             stats=last.lazy,
         )
@@ -262,9 +279,9 @@ class Generation:
             return
         self._closed = True
         try:
-            self._responses.close()
+            self.responses.close()
             if not self._failed:
-                settle(self._cache)
-                self._service.caches.put(self._key, self._tokens + self._generated, self._cache)
+                settle(self.cache)
+                self.service.caches.put(self.cache_key, self.tokens + self._generated, self.cache)
         finally:
-            self._service.lock.release()
+            self.service.lock.release()

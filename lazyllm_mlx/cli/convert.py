@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .config import LazyConfig
-from .convert import DTYPES, convert
+from ..config import LazyConfig
+from ..convert import DTYPES, convert
+from .common import MODEL_HELP, add_model_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mlx_lm.convert import QUANT_RECIPES
 
-    parser.add_argument(
-        "--hf-path",
-        "--model",
-        default=None,
-        help="Source: HF/MLX folder, hub id or .gguf file (default: the embedded SmolLM2)",
-    )
+    add_model_argument(parser, "--hf-path", "--model", help=f"Source: {MODEL_HELP}")
     parser.add_argument("--mlx-path", default="mlx_model", help="Folder to write the model to")
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights")
     parser.add_argument("--q-group-size", type=int, default=None, help="Quantization group size")

@@ -7,28 +7,15 @@ disturbs every column alike; each cell is the median over the runs after one war
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 
-from .config import LazyConfig
-from .generate import stream_generate
-
-
-def real_text_tokens(tokenizer, count: int) -> list[int]:
-    """`count` tokens of real English text: Python's reference documentation, in a fixed order."""
-    import pydoc_data.topics as topics
-
-    text = "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
-    tokens = tokenizer.encode(text, add_special_tokens=False)
-    if len(tokens) < count:
-        raise ValueError(f"Only {len(tokens)} tokens of documentation text; asked for {count}.")
-    return tokens[:count]
-
+from ..config import LazyConfig
+from .measure import generate_once
+from .sources import real_text_tokens
 
 # Decode speed and the whole request are also reported over the first this many tokens: a short
 # answer's wait, where revival's deferred work weighs most.
@@ -109,31 +96,19 @@ def measure(
     max_tokens: int,
     prefill_step_size: int,
 ) -> Run:
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    token_times, last = [], None
-    for response in stream_generate(
-        model,
-        tokenizer,
-        tokens,
-        max_tokens=max_tokens,
-        lazy=lazy,
-        prefill_step_size=prefill_step_size,
-    ):
-        token_times.append(time.perf_counter() - start)
-        last = response
-    total = token_times[-1]
-    stats = last.lazy
+    run = generate_once(
+        model, tokenizer, tokens, lazy, max_tokens=max_tokens, prefill_step_size=prefill_step_size
+    )
+    last, stats = run.last, run.last.lazy
     return Run(
         ttft=last.ttft,
-        total=total,
+        total=run.total_time,
         prompt_tps=last.prompt_tps,
         generation_tps=last.generation_tps,
         peak_memory=last.peak_memory,
         prefill_fraction=stats.prefill_fraction if stats else None,
         tokens_per_layer=stats.prefill_tokens_per_layer if stats else None,
-        token_times=token_times,
+        token_times=run.token_times,
     )
 
 

@@ -1,0 +1,95 @@
+"""`lazyllm-mlx cache-prompt`: prefill a long document once and save the lazy cache to a file.
+
+`generate --prompt-cache-file F --prompt Q` then continues the document with Q (see
+lazyllm_mlx.prompt_cache for the convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..engine import LazyStats
+from ..generate import check_request, generate_step, make_lazy_cache, resolve_schedule
+from ..loading import load
+from ..prompt_cache import document_tokens, save_document_cache
+from .common import (
+    add_chat_template_arguments,
+    add_model_argument,
+    add_prefill_step_size_argument,
+    add_schedule_argument,
+    chat_template_config,
+    progress_bar,
+    read_prompt,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", "-p", help="The document to cache ('-' reads stdin)")
+    source.add_argument("--prompt-file", help="Read the document from this file")
+    parser.add_argument(
+        "--prompt-cache-file", required=True, help="Where to save the cache (.safetensors)"
+    )
+    add_schedule_argument(
+        parser,
+        "LazyLLM schedule for the prefill and later turns (a preset or schedule string; "
+        "'none' prunes nothing).",
+    )
+    add_chat_template_arguments(parser)
+    add_prefill_step_size_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    text = read_prompt(args)
+    model, tokenizer = load(args.model)
+    lazy = resolve_schedule(model, args.schedule)
+    if lazy is None:
+        raise ValueError(
+            "cache-prompt saves a LazyLLM cache: give a schedule ('none' prunes nothing), "
+            "not 'off'."
+        )
+    template = None
+    if not args.ignore_chat_template and tokenizer.has_chat_template:
+        template = chat_template_config(args)
+    prefix, tokens = document_tokens(tokenizer, text, args.system_prompt, template)
+    prompt = mx.array(tokens, dtype=mx.int32)
+    cache = make_lazy_cache(model, lazy)
+    check_request(model, prompt, lazy, cache)
+    stats = LazyStats(len(model.layers))
+    start = time.perf_counter()
+    steps = generate_step(
+        prompt,
+        model,
+        lazy=lazy,
+        max_tokens=0,  # prefill only
+        prompt_cache=cache,
+        stats=stats,
+        prefill_step_size=args.prefill_step_size,
+        prompt_progress_callback=progress_bar("cache-prompt"),
+    )
+    for _ in steps:
+        pass
+    mx.eval(cache.state)
+    elapsed = time.perf_counter() - start
+    save_document_cache(
+        args.prompt_cache_file,
+        cache,
+        model,
+        model_source=args.model,
+        prefix=prefix,
+        template=template,
+        system_prompt=args.system_prompt,
+    )
+    size = Path(args.prompt_cache_file).stat().st_size
+    print(
+        f"Prefilled {len(tokens)} tokens in {elapsed:.2f} s "
+        f"(schedule {lazy.name or lazy.to_string()}, "
+        f"{stats.prefill_fraction:.1%} of prompt token-layers computed); "
+        f"saved {args.prompt_cache_file} ({size / 1e6:.1f} MB)"
+    )
+    return 0
