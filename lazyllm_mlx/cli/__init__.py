@@ -14,6 +14,7 @@ COMMANDS = {
     "convert": ("lazyllm_mlx.cli.convert", "HF folder, hub id or GGUF -> MLX folder (+ schedule)"),
     "cache-prompt": ("lazyllm_mlx.cli.cache_prompt", "prefill a long document once, save it"),
     "serve": ("lazyllm_mlx.cli.serve", "OpenAI-compatible HTTP server (LazyLLM prefill)"),
+    "probe": ("lazyllm_mlx.cli.probe", "which layers find a prompt's answer: where to cut"),
 }
 
 

@@ -12,12 +12,20 @@ import mlx.core as mx
 from ..config import LazyConfig, split_schedules
 from ..evals.bench import format_table, run_bench
 from ..loading import load
-from .common import add_model_argument, add_prefill_step_size_argument, model_label, stderr_log
+from .common import (
+    add_model_argument,
+    add_prefill_step_size_argument,
+    int_list,
+    model_label,
+    stderr_log,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--lengths", default="1024,2048,4096", help="Prompt lengths in tokens")
+    parser.add_argument(
+        "--lengths", type=int_list, default=[1024, 2048, 4096], help="Prompt lengths in tokens"
+    )
     parser.add_argument(
         "--schedules",
         nargs="+",
@@ -39,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    lengths = args.lengths
     schedules = split_schedules(args.schedules)
     if not args.skip_norevive:
         # "none" has nothing to revive

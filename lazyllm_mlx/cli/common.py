@@ -81,3 +81,29 @@ def stderr_log(quiet: bool) -> Callable[[str], None]:
     if quiet:
         return lambda _: None
     return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (prompt lengths)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def fraction_list(text: str) -> list[float]:
+    """argparse type: comma-separated fractions in (0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated fractions, got {text!r}"
+        ) from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions in (0, 1], got {text!r}")
+    return values

@@ -19,7 +19,7 @@ from ..evals.baselines import BaselineStore
 from ..evals.run import best_schedule, evaluate
 from ..evals.tasks import TASKS
 from ..loading import load
-from .common import add_model_argument, model_label, stderr_log
+from .common import add_model_argument, int_list, model_label, stderr_log
 
 # Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
 # the `default` layout (a first half unpruned) at a milder and its own keep.
@@ -36,18 +36,6 @@ SEARCH_GRID = [
 ]
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument(
@@ -58,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "separate arguments, e.g. paper,default '0.5:0.8,0.75:0.7' 'paper;norevive' "
         "(default: default; with --search: a built-in grid)",
     )
-    parser.add_argument("--lengths", type=_int_list, default=[1024], help="Prompt lengths")
+    parser.add_argument("--lengths", type=int_list, default=[1024], help="Prompt lengths")
     parser.add_argument(
         "--tasks", default=",".join(TASKS), help=f"Comma list of {', '.join(TASKS)}"
     )

@@ -1,0 +1,85 @@
+"""`lazyllm-mlx probe`: which layers' attention finds the answer of a needle prompt, and the
+earliest single cut that keeps it (see lazyllm_mlx/evals/probe.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import LazyConfig
+from ..evals.probe import PROBE_TASKS, probe, suggest
+from ..loading import load
+from .common import add_model_argument, fraction_list, int_list, model_label, stderr_log
+
+DEFAULT_RULE = "w=64;pool=13;heads=max;sink=4"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--lengths", type=int_list, default=[2048], help="Prompt lengths")
+    parser.add_argument("--num", type=int, default=8, help="Prompts per task and length")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the task builders")
+    parser.add_argument(
+        "--keeps", type=fraction_list, default=[0.2, 0.3, 0.4], help="Fractions kept at the cut"
+    )
+    parser.add_argument(
+        "--rule",
+        default=DEFAULT_RULE,
+        help=f"Ranking rule as schedule options (default: {DEFAULT_RULE}; 'w=1' is the paper's)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.95,
+        help="Recall of the answer tokens the suggested cut must reach (default: 0.95)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="Write the report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="No per-prompt progress on stderr")
+
+
+def print_report(report: dict, target: float) -> None:
+    keeps, tasks = report["keeps"], report["tasks"]
+    print(
+        f"\n{report['length']}-token prompts, {report['num']} per task ({', '.join(tasks)}), "
+        f"rule {report['rule']}: answer tokens kept at a cut after each full-attention layer"
+    )
+    print(f"{'layer':>5}" + "".join(f"{f'keep {k:g}':>10}" for k in keeps) + "   by task at "
+          f"keep {keeps[0]:g}")  # fmt: skip
+    by = {(r["layer"], r["keep"]): r for r in report["rows"]}
+    for layer in sorted({r["layer"] for r in report["rows"]}):
+        line = f"{layer:>5}" + "".join(f"{by[layer, k]['mean']:>10.2f}" for k in keeps)
+        first = by[layer, keeps[0]]["recall"]
+        print(line + "   " + " ".join(f"{t} {first[t]:.2f}" for t in tasks if t in first))
+    best = suggest(report, target)
+    if best is None:
+        print(f"No layer keeps {target:.0%} of the answer tokens at these keeps.")
+    else:
+        print(
+            f"Cheapest single cut reaching {target:.0%}: boundary {best['boundary']} keeping "
+            f"{best['keep']:g} (recall {best['recall']:.2f}, prefill fraction "
+            f"{best['prefill_fraction']:.3f}): --schedule '{best['boundary']}:{best['keep']:g};"
+            f"{report['rule']}'"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num <= 0:
+        raise ValueError("--num must be positive.")
+    rule = LazyConfig.parse(f"none;{args.rule}")
+    model, tokenizer = load(args.model)
+    log = stderr_log(args.quiet)
+    reports = []
+    for length in args.lengths:
+        report = probe(
+            model, tokenizer, rule, length=length, num=args.num, keeps=args.keeps, seed=args.seed,
+            log=log,
+        )  # fmt: skip
+        report["model"] = model_label(args.model)
+        report["suggestion"] = suggest(report, args.target)
+        reports.append(report)
+        print_report(report, args.target)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(model=model_label(args.model), tasks=list(PROBE_TASKS),
+                           reports=reports), f, indent=1)  # fmt: skip
+    return 0
