@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 # Boundaries below 1.0 are fractions of the model's depth (model-independent presets); integers
@@ -25,6 +25,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 # chose another than `default` (BENCHMARKS.md, "How the presets were chosen"): Gemma 3 270M loses
 # 8-12 points with `default` (1K and 4K prompts) and stays within 1 with `safe`.
 FAMILY_PRESETS: dict[str, str] = {"gemma3_text": "safe"}
+
+# Presets calibrated on the models we measure, by architecture (model type, layers, hidden size,
+# query heads, KV heads): where a small model's attention finds what a prompt asks for is a
+# property of the model (`lazyllm-mlx probe`), so no layout in depth fractions suits them all.
+# Fine-tunes of a model share its architecture and, mostly, its calibration.
+CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {}
+
+
+def calibrated(config: LazyConfig, architecture: tuple) -> LazyConfig:
+    """`config` as it applies to a model: a preset the model has a calibration of becomes that
+    calibration, with the options given after the preset (`default;norevive`)."""
+    table = CALIBRATED.get(tuple(architecture), {})
+    if config.from_preset not in table:
+        return config
+    text = ";".join([table[config.from_preset], *config.preset_options])
+    return replace(LazyConfig.parse(text), name=config.name, from_preset=None, preset_options=())
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,10 @@ class LazyConfig:
     sink: int = 0
     recent: int = 0
     name: str | None = field(default=None, compare=False)
+    # The preset the schedule was parsed from and the options given after it: a model with its
+    # own calibration of that preset runs the calibration instead (see `calibrated`).
+    from_preset: str | None = field(default=None, compare=False, repr=False)
+    preset_options: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "boundaries", tuple(self.boundaries))
@@ -119,7 +139,7 @@ class LazyConfig:
     def preset(cls, name: str) -> LazyConfig:
         if name not in PRESETS:
             raise ValueError(f"Unknown LazyLLM preset {name!r}; presets: {', '.join(PRESETS)}.")
-        return cls(**PRESETS[name], name=name)
+        return cls(**PRESETS[name], name=name, from_preset=name)
 
     @classmethod
     def parse(cls, text: str) -> LazyConfig:
@@ -132,7 +152,8 @@ class LazyConfig:
         """
         head, *options = [part.strip() for part in text.strip().split(";")]
         if head in PRESETS:
-            kwargs: dict[str, Any] = dict(PRESETS[head], name=head)
+            kwargs: dict[str, Any] = dict(PRESETS[head], name=head, from_preset=head)
+            kwargs["preset_options"] = tuple(options)
         else:
             kwargs = dict(zip(("boundaries", "keep"), _parse_pairs(head, text)))
         for option in options:
@@ -167,6 +188,10 @@ class LazyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del (
+            d["from_preset"],
+            d["preset_options"],
+        )  # a stored schedule is explicit: it stays as stored
         d["boundaries"], d["keep"] = list(self.boundaries), list(self.keep)
         return d
 

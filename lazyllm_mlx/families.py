@@ -89,6 +89,15 @@ def model_type_of(model: nn.Module) -> str:
     return getattr(model, "model_type", None) or getattr(args, "model_type", None) or "unknown"
 
 
+def architecture_of(model: nn.Module) -> tuple[str, int, int, int, int]:
+    """(model type, layers, hidden size, query heads, KV heads): what calibrations are keyed by."""
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", 0)
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    layers = len(getattr(model, "layers", []))
+    return (model_type_of(model), layers, getattr(args, "hidden_size", 0), heads, kv_heads)
+
+
 def check_supported(model_type: str) -> None:
     """Raise a ValueError that says why a model cannot be pruned by this engine."""
     if model_type in SUPPORTED:

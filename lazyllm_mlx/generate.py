@@ -20,9 +20,9 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
-from .config import LazyConfig, as_config, family_default
+from .config import LazyConfig, as_config, calibrated, family_default
 from .engine import LazyStats, lazy_forward
-from .families import family_of, model_type_of
+from .families import architecture_of, family_of, model_type_of
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -46,9 +46,16 @@ class GenerationResponse:
     from_draft: bool = False
 
 
+def for_model(lazy: LazyConfig | str | dict | None, model: nn.Module) -> LazyConfig | None:
+    """The schedule `lazy` names, as it applies to `model`: a preset the model has a calibration
+    of (config.CALIBRATED) becomes that calibration."""
+    config = as_config(lazy)
+    return None if config is None else calibrated(config, architecture_of(model))
+
+
 def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCache:
     """An empty lazy prompt cache for `model`, to pass as `prompt_cache` and keep across turns."""
-    config = as_config(lazy)
+    config = for_model(lazy, model)
     if config is None:
         raise ValueError(
             "make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None."
@@ -61,7 +68,9 @@ def default_schedule(model: nn.Module) -> LazyConfig:
     """The schedule to run `model` with when none is asked for: the one stored with it by
     `convert --schedule`, else the preset calibrated for its family, else `default`."""
     stored = getattr(model, "lazyllm_schedule", None)
-    return as_config(stored) if stored is not None else family_default(model_type_of(model))
+    if stored is not None:
+        return as_config(stored)
+    return for_model(family_default(model_type_of(model)), model)
 
 
 def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:
@@ -71,7 +80,7 @@ def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:
         return None
     if name is None:
         return default_schedule(model)
-    return LazyConfig.parse(name)
+    return for_model(name, model)
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -126,7 +135,7 @@ def generate_step(
 
     stats: a LazyStats to fill with this request's counters (lazy only).
     """
-    config = as_config(lazy)
+    config = for_model(lazy, model)
     if config is None:
         yield from mlx_generate_step(
             prompt,
@@ -242,7 +251,7 @@ def stream_generate(
         raise ValueError("Maximum number of tokens must be non-zero (use -1 for no limit).")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    config = as_config(lazy)
+    config = for_model(lazy, model)
     tokens = _as_tokens(tokenizer, prompt)
     check_request(model, tokens, config, kwargs.get("prompt_cache"))
     stats = None

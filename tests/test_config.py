@@ -1,5 +1,7 @@
 """LazyConfig: presets, the one-line syntax, validation, resolution and the prefill arithmetic."""
 
+from dataclasses import replace
+
 from lazyllm_mlx import LazyConfig, default_schedule
 from lazyllm_mlx.config import Schedule, as_config
 from lazyllm_mlx.generate import resolve_schedule
@@ -85,3 +87,29 @@ def test_a_model_runs_its_stored_schedule_else_its_family_preset_else_default():
     object.__setattr__(gemma, "lazyllm_schedule", {"boundaries": [2], "keep": [0.5]})
     assert resolve_schedule(gemma, None) == LazyConfig(boundaries=(2,), keep=(0.5,))
     assert resolve_schedule(gemma, "default") == LazyConfig.preset("default")
+
+
+def test_a_model_with_a_calibration_runs_it_for_that_preset(monkeypatch):
+    import lazyllm_mlx.config as config_module
+    from lazyllm_mlx import make_lazy_cache
+    from lazyllm_mlx.families import architecture_of
+    from lazyllm_mlx.generate import for_model
+
+    llama, qwen = tiny_model("llama"), tiny_model("qwen2")
+    table = {architecture_of(llama): {"default": "3:0.4;w=4;pool=3", "safe": "2:0.3;w=4"}}
+    monkeypatch.setattr(config_module, "CALIBRATED", table)
+    calibrated = for_model("default", llama)
+    assert calibrated == LazyConfig.parse("3:0.4;w=4;pool=3") and calibrated.name == "default"
+    assert for_model("default;norevive", llama) == LazyConfig.parse("3:0.4;w=4;pool=3;norevive")
+    assert for_model("default;w=8", llama).window == 8  # options after the preset still apply
+    assert for_model("safe", llama) == LazyConfig.parse("2:0.3;w=4")
+    assert for_model("paper", llama) == LazyConfig.preset("paper")  # no calibration of it
+    assert for_model("default", qwen) == LazyConfig.preset("default")  # another architecture
+    assert for_model("0.5:0.6,0.75:0.6", llama) == LazyConfig.parse("0.5:0.6,0.75:0.6")
+    # resolved once: a copy with other options is not resolved again
+    randomized = replace(calibrated, selection="random")
+    assert for_model(randomized, llama) == randomized
+    assert default_schedule(llama) == calibrated == resolve_schedule(llama, "default")
+    assert make_lazy_cache(llama, "default").schedule == calibrated.resolve(10)
+    # a stored schedule is explicit
+    assert LazyConfig.from_dict(calibrated.to_dict()) == calibrated

@@ -14,6 +14,7 @@ from typing import Any
 import mlx.nn as nn
 
 from ..config import LazyConfig
+from ..generate import for_model
 from .measure import generate_once
 from .sources import real_text_tokens
 
@@ -125,7 +126,7 @@ def run_bench(
     """The table's rows: for each length, the baseline then each schedule."""
     if runs < 1:
         raise ValueError("runs must be at least 1.")
-    methods = {"baseline": None} | {name: LazyConfig.parse(name) for name in schedules}
+    methods = {"baseline": None} | {name: for_model(name, model) for name in schedules}
     rows = []
     for length in lengths:
         tokens = real_text_tokens(tokenizer, length)

@@ -1,4 +1,4 @@
-"""PNG plots of `bench` (speed-up, tokens per layer) and `eval` (accuracy against speed-up).
+"""PNG plots of `bench` (speed-up, tokens per layer) and `eval` (the accuracy frontier).
 
 matplotlib is the optional extra `plot`, imported only here. `python -m lazyllm_mlx.evals.plots
 report.json out.png` redraws an eval plot from a saved report.
@@ -10,14 +10,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-
-STYLES = {  # eval method family -> (marker, color)
-    "baseline": ("*", "black"),
-    "none": ("X", "gray"),
-    "lazy": ("o", "tab:blue"),
-    "random": ("v", "tab:orange"),
-    "static": ("s", "tab:green"),
-}
 
 
 def pyplot() -> Any:
@@ -75,32 +67,70 @@ def plot_tokens_per_layer(rows: list[dict[str, Any]], path: str | Path, title: s
     plt.close(fig)
 
 
+def _group(row: dict[str, Any]) -> str:
+    """The plot's series of an eval row: its method family, lazy split by ranking rule."""
+    if row["family"] != "lazy":
+        return row["family"]
+    from ..config import LazyConfig
+
+    config = LazyConfig.parse(row["schedule"])
+    return "lazy, paper's rule" if config.window == 1 and config.pool == 1 else "lazy, window rule"
+
+
+GROUPS = {  # series -> (marker, color)
+    "baseline": ("*", "black"),
+    "none": ("X", "gray"),
+    "lazy, paper's rule": ("o", "tab:purple"),
+    "lazy, window rule": ("o", "tab:blue"),
+    "random": ("v", "tab:orange"),
+    "static": ("s", "tab:green"),
+}
+
+
 def plot_report(report: dict[str, Any], path: str) -> None:
-    """One panel per prompt length: each method's mean accuracy against its TTFT speed-up,
-    methods of a family joined in order of speed-up."""
+    """The frontier, one column per prompt length. Top: accuracy minus the baseline's (paired,
+    ± its standard error) against the prefill fraction, which carries over to any device.
+    Bottom: this machine's TTFT speed-up against the same fraction, beside 1 / fraction."""
     plt = pyplot()
     lengths = report["lengths"]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.5), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
+    fig, axes = plt.subplots(
+        2, len(lengths), figsize=(6 * len(lengths), 8.5), squeeze=False, sharex="col"
+    )
+    for column, length in enumerate(lengths):
+        top, bottom = axes[0][column], axes[1][column]
         rows = [r for r in report["results"] if r["length"] == length]
-        for family, (marker, color) in STYLES.items():
-            members = [r for r in rows if r["family"] == family]
-            points = sorted((r["ttft_speedup"], r["accuracy"], r["method"]) for r in members)
-            if not points:
+        base = next(r["accuracy"] for r in rows if r["family"] == "baseline")
+        for group, (marker, color) in GROUPS.items():
+            members = sorted(
+                (r for r in rows if _group(r) == group), key=lambda r: r["prefill_fraction"]
+            )
+            if not members:
                 continue
-            xs, ys, labels = zip(*points)
-            line = "-" if len(points) > 1 else "none"
-            ax.plot(xs, ys, marker=marker, color=color, label=family, markersize=8, linestyle=line)
-            for x, y, label in points:
-                ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        for r in rows:
-            if r["family"] == "baseline":
-                ax.axhline(r["accuracy"], color="black", linestyle=":", alpha=0.5)
-        ax.set_title(f"{length}-token prompts")
-        ax.set_xlabel("TTFT speed-up vs baseline (×, median per prompt)")
-        ax.set_ylabel("accuracy, mean over tasks (points)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+            xs = [r["prefill_fraction"] for r in members]
+            # reports written before stop 9 have no paired difference: the plain one, no se
+            deltas = [r.get("accuracy_delta", r["accuracy"] - base) for r in members]
+            errors = [r.get("accuracy_delta_se", 0.0) for r in members]
+            top.errorbar(xs, deltas, yerr=errors, marker=marker, color=color, label=group,
+                         markersize=7, linestyle="none", capsize=3)  # fmt: skip
+            bottom.plot(xs, [r["ttft_speedup"] for r in members], marker=marker, color=color,
+                        label=group, markersize=7, linestyle="none")  # fmt: skip
+            for r, x, y in zip(members, xs, deltas):
+                if group.startswith("lazy"):
+                    top.annotate(r["method"], (x, y), fontsize=6, xytext=(4, 4),
+                                 textcoords="offset points")  # fmt: skip
+        fractions = [0.25 + 0.75 * i / 50 for i in range(51)]
+        bottom.plot(fractions, [1 / f for f in fractions], color="gray", linestyle=":",
+                    label="1 / fraction (ideal)")  # fmt: skip
+        top.axhline(0.0, color="black", linestyle=":", alpha=0.6)
+        top.axhspan(-1.0, 1.0, color="black", alpha=0.06)
+        top.set_title(f"{length}-token prompts, {report.get('num', '?')} per task")
+        top.set_ylabel("accuracy − baseline's (points, ± se)")
+        bottom.set_ylabel("TTFT speed-up on this machine (×)")
+        bottom.set_xlabel("prefill fraction (prompt token-layers computed)")
+        top.invert_xaxis()  # faster to the right (the column shares its x axis)
+        for ax in (top, bottom):
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
     fig.suptitle(f"lazyllm-mlx eval: {Path(report.get('model', '')).name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -16,12 +16,14 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ..config import LazyConfig, kept_count
 from ..families import family_of
+from ..generate import for_model
 from .baselines import BaselineStore
 from .measure import generate_once, warm_up
 from .scores import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
@@ -85,12 +87,14 @@ def build_methods(
     num_tokens: int,
     references: bool = True,
     include_none: bool = True,
+    resolve: Callable[[str], LazyConfig] = LazyConfig.parse,
 ) -> list[Method]:
-    """Baseline first, then "none", the schedules and their references; duplicates dropped."""
+    """Baseline first, then "none", the schedules and their references; duplicates dropped.
+    resolve: a schedule's text to its config (for a model: its calibrated presets)."""
     methods = [Method("baseline", "baseline", None)]
     if include_none:
         methods.append(Method("none", "none", LazyConfig.preset("none")))
-    lazy = [(text, LazyConfig.parse(text)) for text in schedules]
+    lazy = [(text, resolve(text)) for text in schedules]
     methods += [Method(text, "lazy", config) for text, config in lazy]
     if references:
         for text, config in lazy:
@@ -209,7 +213,9 @@ def evaluate(
         prompts = build_tasks(tokenizer, tasks, length, num, seed, chat)
         if max_tokens is not None:
             prompts = [replace(t, max_tokens=max_tokens) for t in prompts]
-        methods = build_methods(schedules, num_layers, length, references, include_none)
+        methods = build_methods(
+            schedules, num_layers, length, references, include_none, partial(for_model, model=model)
+        )
         if not warmed:
             warm_up(model, tokenizer, prompts[0].tokens, [m.lazy for m in methods])
             warmed = True

@@ -19,12 +19,13 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.server import convert_chat
 
-from ..config import LazyConfig, as_config
+from ..config import LazyConfig
 from ..engine import LazyStats
 from ..generate import (
     GenerationResponse,
     context_length,
     encode_prompt,
+    for_model,
     make_lazy_cache,
     stream_generate,
 )
@@ -164,7 +165,7 @@ class GenerationService:
         if request.lazy == SERVER_DEFAULT:
             return self.lazy
         try:
-            config = as_config(request.lazy)
+            config = for_model(request.lazy, self.model)
             if config is not None:
                 config.resolve(len(self.model.layers))
         except (ValueError, TypeError) as error:
