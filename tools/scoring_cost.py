@@ -1,0 +1,90 @@
+"""What ranking tokens costs: one boundary's scoring against the prefill it prunes.
+
+    python tools/scoring_cost.py --lengths 1024,2048,4096 --schedule default
+
+For each prompt length, times (median of 5, after a warm-up) the window rule's scoring at one
+boundary on random queries and keys of the model's shapes: the observation window's softmax rows
+over every key (O(W·N), never N×N), the head reduction and the pooling, then the top-k selection;
+and once per decode step, the one new row the kept rows need. Beside it, the schedule's TTFT on
+real text, so the table reads as a share of the prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
+from lazyllm_mlx import load
+from lazyllm_mlx.evals.measure import generate_once, warm_up
+from lazyllm_mlx.evals.sources import real_text_tokens
+from lazyllm_mlx.families import family_of
+from lazyllm_mlx.generate import for_model
+from lazyllm_mlx.pruning import combine_heads, pool_by_position, select_top, window_probabilities
+
+import mlx.core as mx
+
+
+def timed(fn, repeats: int = 5) -> float:
+    mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--schedule", default="default")
+    args = parser.parse_args()
+    model, tokenizer = load(args.model)
+    family = family_of(model)
+    config = for_model(args.schedule, model)
+    schedule = config.resolve(family.num_layers)
+    attention = model.layers[0].self_attn
+    heads, kv_heads = attention.n_heads, attention.n_kv_heads
+    head_dim = model.args.hidden_size // heads
+    head_dim = getattr(model.args, "head_dim", None) or head_dim
+    scale = family.scales[0]
+    print(f"schedule {config.to_string()}: {len(schedule.boundaries)} boundaries, window "
+          f"{config.window}, pool {config.pool}, heads {config.heads}; {heads}/{kv_heads} heads "
+          f"of {head_dim}")  # fmt: skip
+    print(f"{'tokens':>7}{'score ms':>10}{'select ms':>10}{'decode row ms':>14}{'TTFT s':>8}"
+          f"{'scoring / TTFT':>16}")  # fmt: skip
+    for length in [int(x) for x in args.lengths.split(",")]:
+        w = min(config.window, length)
+        queries = mx.random.normal((1, heads, w, head_dim))
+        keys = mx.random.normal((1, kv_heads, length, head_dim))
+        positions = mx.arange(length, dtype=mx.int32)
+
+        def score(q=queries, k=keys, p=positions, w=w, length=length):
+            rows = window_probabilities(q, k, scale, p[-w:], p)
+            return pool_by_position(combine_heads(rows.mean(axis=0), config.heads), p,
+                                    config.pool, length)  # fmt: skip
+
+        scores = score()
+        count = max(1, round(schedule.keep[0] * length)) if schedule.keep else length
+        score_s = timed(score)
+        select_s = timed(lambda s=scores, c=count: select_top(s, c))
+        row_s = timed(lambda q=queries, k=keys, p=positions: window_probabilities(
+            q[..., -1:, :], k, scale, p[-1:], p))  # fmt: skip
+        tokens = real_text_tokens(tokenizer, length)
+        warm_up(model, tokenizer, tokens, [config])
+        ttft = statistics.median(
+            generate_once(model, tokenizer, tokens, config, max_tokens=1).last.ttft
+            for _ in range(3)
+        )
+        boundaries = len(schedule.boundaries)
+        share = boundaries * (score_s + select_s) / ttft
+        print(f"{length:>7}{score_s * 1e3:>10.2f}{select_s * 1e3:>10.2f}{row_s * 1e3:>14.3f}"
+              f"{ttft:>8.2f}{share:>16.2%}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
