@@ -9,7 +9,6 @@ from lazyllm_mlx.evals.probe import (
     layer_scores,
     probe,
     recall_at,
-    rule_options,
     suggest,
 )
 from lazyllm_mlx.evals.tasks import build_tasks
@@ -42,7 +41,8 @@ def test_the_probe_keeps_what_the_engines_first_boundary_keeps(family, schedule)
 
     boundary, keep = cache.schedule.boundaries[0], cache.schedule.keep[0]
     scorer = max(i for i in range(boundary) if fam.windows[i] is None)
-    scores = layer_scores(model, tokens.tolist(), config, step_size=16)[scorer]
+    (by_layer,) = layer_scores(model, tokens.tolist(), [config], step_size=16)
+    scores = by_layer[scorer]
     s = np.array(scores, dtype=np.float64)
     recent = max(1, config.window, config.recent)
     s[-recent:] = np.inf
@@ -76,14 +76,18 @@ def test_answer_positions_cover_each_occurrence_of_the_answer(smollm2):
 
 def test_probe_reports_every_full_attention_layer_and_suggests_a_cut(smollm2):
     model, tokenizer, _ = smollm2
-    rule = LazyConfig.parse("none;w=16;pool=5")
-    report = probe(model, tokenizer, rule, length=256, num=1, keeps=[0.5, 1.0])
-    assert {r["layer"] for r in report["rows"]} == set(range(30))
+    rule, paper = LazyConfig.parse("none;w=16;pool=5"), LazyConfig.parse("none")
+    report = probe(model, tokenizer, [rule, paper], length=256, num=1, keeps=[0.5, 1.0])
+    assert report["rules"] == ["w=16;pool=5", ""]
+    assert {(r["rule"], r["layer"]) for r in report["rows"]} == {
+        (text, layer) for text in report["rules"] for layer in range(30)
+    }
     full = [r for r in report["rows"] if r["keep"] == 1.0]
     assert all(r["mean"] == 1.0 for r in full)  # keeping everything keeps the answer
     best = suggest(report, target=1.0)
     assert best is not None and best["prefill_fraction"] <= 1.0
-    assert rule_options(rule) == "w=16;pool=5"
+    assert best["schedule"] == f"{best['boundary']}:{best['keep']:g};w=16;pool=5"
+    assert ";" not in suggest(report, target=1.0, rule="")["schedule"]  # the paper's rule
 
 
 def test_probe_command_prints_a_table_and_writes_json(tmp_path, capsys):

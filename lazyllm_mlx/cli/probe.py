@@ -23,9 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keeps", type=fraction_list, default=[0.2, 0.3, 0.4], help="Fractions kept at the cut"
     )
     parser.add_argument(
-        "--rule",
-        default=DEFAULT_RULE,
-        help=f"Ranking rule as schedule options (default: {DEFAULT_RULE}; 'w=1' is the paper's)",
+        "--rules",
+        nargs="+",
+        default=[DEFAULT_RULE],
+        help=f"Ranking rules as schedule options, compared on the same forward passes (default: "
+        f"{DEFAULT_RULE}; 'w=1' is the paper's; the first one's cut is suggested)",
     )
     parser.add_argument(
         "--target",
@@ -40,16 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_report(report: dict, target: float) -> None:
     keeps, tasks = report["keeps"], report["tasks"]
     print(
-        f"\n{report['length']}-token prompts, {report['num']} per task ({', '.join(tasks)}), "
-        f"rule {report['rule']}: answer tokens kept at a cut after each full-attention layer"
+        f"\n{report['length']}-token prompts, {report['num']} per task ({', '.join(tasks)}): "
+        "the answer tokens a cut after each full-attention layer keeps (recall)"
     )
-    print(f"{'layer':>5}" + "".join(f"{f'keep {k:g}':>10}" for k in keeps) + "   by task at "
-          f"keep {keeps[0]:g}")  # fmt: skip
-    by = {(r["layer"], r["keep"]): r for r in report["rows"]}
-    for layer in sorted({r["layer"] for r in report["rows"]}):
-        line = f"{layer:>5}" + "".join(f"{by[layer, k]['mean']:>10.2f}" for k in keeps)
-        first = by[layer, keeps[0]]["recall"]
-        print(line + "   " + " ".join(f"{t} {first[t]:.2f}" for t in tasks if t in first))
+    by = {(r["rule"], r["layer"], r["keep"]): r for r in report["rows"]}
+    layers = sorted({r["layer"] for r in report["rows"]})
+    for rule in report["rules"]:
+        print(f"rule {rule or 'w=1 (the paper)'}")
+        print(f"{'layer':>5}" + "".join(f"{f'keep {k:g}':>10}" for k in keeps) + "   by task "
+              f"at keep {keeps[0]:g}")  # fmt: skip
+        for layer in layers:
+            line = f"{layer:>5}" + "".join(f"{by[rule, layer, k]['mean']:>10.2f}" for k in keeps)
+            first = by[rule, layer, keeps[0]]["recall"]
+            print(line + "   " + " ".join(f"{t} {first[t]:.2f}" for t in tasks if t in first))
     best = suggest(report, target)
     if best is None:
         print(f"No layer keeps {target:.0%} of the answer tokens at these keeps.")
@@ -57,21 +62,20 @@ def print_report(report: dict, target: float) -> None:
         print(
             f"Cheapest single cut reaching {target:.0%}: boundary {best['boundary']} keeping "
             f"{best['keep']:g} (recall {best['recall']:.2f}, prefill fraction "
-            f"{best['prefill_fraction']:.3f}): --schedule '{best['boundary']}:{best['keep']:g};"
-            f"{report['rule']}'"
+            f"{best['prefill_fraction']:.3f}): --schedule '{best['schedule']}'"
         )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.num <= 0:
         raise ValueError("--num must be positive.")
-    rule = LazyConfig.parse(f"none;{args.rule}")
+    rules = [LazyConfig.parse(f"none;{rule}" if rule.strip() else "none") for rule in args.rules]
     model, tokenizer = load(args.model)
     log = stderr_log(args.quiet)
     reports = []
     for length in args.lengths:
         report = probe(
-            model, tokenizer, rule, length=length, num=args.num, keeps=args.keeps, seed=args.seed,
+            model, tokenizer, rules, length=length, num=args.num, keeps=args.keeps, seed=args.seed,
             log=log,
         )  # fmt: skip
         report["model"] = model_label(args.model)

@@ -49,14 +49,14 @@ def answer_positions(tokenizer: Any, task: Task) -> list[list[int]]:
 
 
 def layer_scores(
-    model: Any, tokens: list[int], rule: LazyConfig, step_size: int = 2048
-) -> dict[int, mx.array]:
-    """Each full-attention layer's ranking of the prompt's tokens, (N,) under `rule`, from one
-    plain (chunked) forward pass of mlx-lm's model."""
+    model: Any, tokens: list[int], rules: list[LazyConfig], step_size: int = 2048
+) -> list[dict[int, mx.array]]:
+    """Per rule, each full-attention layer's ranking of the prompt's tokens, (N,), from one plain
+    (chunked) forward pass of mlx-lm's model."""
     family = family_of(model)
     full = [i for i, w in enumerate(family.windows) if w is None]  # window layers never rank
     n = len(tokens)
-    width = min(rule.window, n)
+    width = min(max(rule.window for rule in rules), n)
     keys: dict[int, list[mx.array]] = {i: [] for i in full}
     queries: dict[int, mx.array | None] = {i: None for i in full}
     cache = make_prompt_cache(model)
@@ -75,15 +75,17 @@ def layer_scores(
         for rope in family.ropes:
             rope.recorder = None
     positions = mx.arange(n, dtype=mx.int32)
-    scores = {}
+    scores: list[dict[int, mx.array]] = [{} for _ in rules]
     for i in full:
+        all_keys = mx.concatenate(keys[i], axis=2)
         rows = window_probabilities(
-            queries[i], mx.concatenate(keys[i], axis=2), family.scales[i], positions[-width:],
-            positions,
-        )  # fmt: skip
-        s = pool_by_position(combine_heads(rows.mean(axis=0), rule.heads), positions, rule.pool, n)
-        mx.eval(s)
-        scores[i] = s
+            queries[i], all_keys, family.scales[i], positions[-width:], positions
+        )
+        for r, rule in enumerate(rules):
+            w = min(rule.window, n)
+            s = combine_heads(rows[-w:].mean(axis=0), rule.heads)
+            scores[r][i] = pool_by_position(s, positions, rule.pool, n)
+        mx.eval(*(by_layer[i] for by_layer in scores))
     return scores
 
 
@@ -103,7 +105,7 @@ def recall_at(scores: mx.array, occurrences: list[list[int]], keep: float, rule:
 def probe(
     model: Any,
     tokenizer: Any,
-    rule: LazyConfig,
+    rules: list[LazyConfig],
     *,
     length: int,
     num: int,
@@ -113,32 +115,38 @@ def probe(
     tasks: tuple[str, ...] = PROBE_TASKS,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Recall of the answer tokens per scoring layer and keep fraction, per task (JSON-ready)."""
+    """Recall of the answer tokens per rule, scoring layer and keep fraction, per task
+    (JSON-ready); the rules share each prompt's forward pass."""
     chat = tokenizer.has_chat_template if chat is None else chat
-    per: dict[tuple[int, float, str], list[float]] = {}
+    per: dict[tuple[int, int, float, str], list[float]] = {}
     for i, task in enumerate(build_tasks(tokenizer, tasks, length, num, seed, chat)):
         occurrences = answer_positions(tokenizer, task)
         if not occurrences:  # the tokenizer merged the answer with its neighbours
             continue
-        for layer, s in layer_scores(model, task.tokens, rule).items():
-            for keep in keeps:
-                recall = recall_at(s, occurrences, keep, rule)
-                per.setdefault((layer, keep, task.task), []).append(recall)
+        for r, by_layer in enumerate(layer_scores(model, task.tokens, rules)):
+            for layer, s in by_layer.items():
+                for keep in keeps:
+                    recall = recall_at(s, occurrences, keep, rules[r])
+                    per.setdefault((r, layer, keep, task.task), []).append(recall)
         if log is not None:
             log(f"[probe {length} {i + 1}/{num * len(tasks)}] {task.task}#{task.index}")
     rows = []
-    for keep in keeps:
-        for layer in sorted({key[0] for key in per}):
-            recall = {
-                t: float(np.mean(per[layer, keep, t])) for t in tasks if (layer, keep, t) in per
-            }
-            mean = float(np.mean([*recall.values()]))
-            rows.append(dict(layer=layer, keep=keep, recall=recall, mean=mean))
+    for r, rule in enumerate(rules):
+        for keep in keeps:
+            for layer in sorted({key[1] for key in per}):
+                recall = {
+                    t: float(np.mean(per[r, layer, keep, t]))
+                    for t in tasks
+                    if (r, layer, keep, t) in per
+                }
+                mean = float(np.mean([*recall.values()]))
+                rows.append(dict(rule=rule_options(rule), layer=layer, keep=keep, recall=recall,
+                                 mean=mean))  # fmt: skip
     return dict(
         length=length,
         num=num,
         seed=seed,
-        rule=rule_options(rule),
+        rules=[rule_options(rule) for rule in rules],
         keeps=keeps,
         tasks=list(tasks),
         num_layers=family_of(model).num_layers,
@@ -151,19 +159,20 @@ def rule_options(rule: LazyConfig) -> str:
     return rule.to_string().removeprefix("none").lstrip(";")
 
 
-def suggest(report: dict[str, Any], target: float) -> dict[str, Any] | None:
-    """The cheapest single cut whose mean recall reaches `target`: boundary after the scoring
-    layer, at the smallest keep that reaches it there; None if no layer does."""
+def suggest(report: dict[str, Any], target: float, rule: str | None = None) -> dict | None:
+    """The cheapest single cut whose mean recall reaches `target` (with `rule`, default the
+    report's first): boundary after the scoring layer, at the smallest keep that reaches it
+    there; None if no layer does."""
+    rule = report["rules"][0] if rule is None else rule
     layers = report["num_layers"]
     best = None
     for row in report["rows"]:
-        if row["mean"] < target:
+        if row["rule"] != rule or row["mean"] < target or row["layer"] + 1 >= layers:
             continue
         boundary = row["layer"] + 1
-        if boundary >= layers:
-            continue
         fraction = (boundary + (layers - boundary) * row["keep"]) / layers
         if best is None or fraction < best["prefill_fraction"]:
-            best = dict(boundary=boundary, keep=row["keep"], recall=row["mean"])
+            best = dict(boundary=boundary, keep=row["keep"], recall=row["mean"], rule=rule)
             best["prefill_fraction"] = fraction
+            best["schedule"] = f"{boundary}:{row['keep']:g}" + (f";{rule}" if rule else "")
     return best
