@@ -101,6 +101,9 @@ class LazyConfig:
         or a budget in tokens (an integer above 1).
     revive: decode with revival (selection from layer 0 for every new token, pruned tokens resume
         from the aux cache); False attends to whatever KV each layer holds, which decodes faster.
+    revive_top: with revival, a pruned token the selection wants back is revived only if it ranks
+        in the top `revive_top` fraction of the boundary's selection; the others stay pruned for
+        that step (1.0: LazyLLM's rule, every selected token). Fewer revivals, cheaper decoding.
     min_prompt_tokens: contexts shorter than this are not pruned at all (pruning would not pay).
     selection: "attention" (ranked by attention) or "random" (a reference method for evaluations:
         the same counts, tokens drawn at random).
@@ -117,6 +120,7 @@ class LazyConfig:
     boundaries: tuple[float, ...] = ()
     keep: tuple[float, ...] = ()
     revive: bool = True
+    revive_top: float = 1.0
     min_prompt_tokens: int = 0
     selection: str = "attention"
     window: int = 1
@@ -145,8 +149,9 @@ class LazyConfig:
     def parse(cls, text: str) -> LazyConfig:
         """A preset name or `boundary:keep,...`, then options separated by `;`.
 
-        Options: `min=N`, `norevive`, `random`, and the ranking rule's `w=N` (observation window),
-        `pool=N`, `heads=mean|max`, `sink=N`, `recent=N`. Examples: `paper`,
+        Options: `min=N`, `norevive`, `revive=F` (revive_top), `random`, and the ranking rule's
+        `w=N` (observation window), `pool=N`, `heads=mean|max`, `sink=N`, `recent=N`. Examples:
+        `paper`,
         `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth), `9:0.7,18:0.5;min=512` (layer
         indices), `0.25:1024;w=16;pool=7` (a budget of 1024 tokens), `paper;norevive`.
         """
@@ -164,6 +169,8 @@ class LazyConfig:
                 kwargs["selection"] = "random"
             elif sep and key == "heads":
                 kwargs["heads"] = value.strip()
+            elif sep and key == "revive":
+                kwargs["revive_top"] = _parse_number(value, text)
             elif sep and key in _INT_OPTIONS:
                 kwargs[_INT_OPTIONS[key]] = _parse_int(value, option, text)
             else:
@@ -180,6 +187,8 @@ class LazyConfig:
                 items += f";{key}={getattr(self, attr)}"
         if self.heads != defaults.heads:
             items += f";heads={self.heads}"
+        if self.revive_top != defaults.revive_top:
+            items += f";revive={self.revive_top:g}"
         if not self.revive:
             items += ";norevive"
         if self.selection != "attention":
@@ -230,6 +239,11 @@ class LazyConfig:
             raise ValueError(f"pool must be an odd number of positions (1: none), not {self.pool}.")
         if self.heads not in ("mean", "max"):
             raise ValueError(f"heads must be 'mean' or 'max', not {self.heads!r}.")
+        if not 0.0 < self.revive_top <= 1.0:
+            raise ValueError(
+                f"revive must be a fraction in (0, 1] of a boundary's selection, not "
+                f"{self.revive_top:g}."
+            )
         if self.sink < 0 or self.recent < 0:
             raise ValueError("sink and recent must be >= 0 tokens.")
 

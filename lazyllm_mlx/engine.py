@@ -16,6 +16,7 @@ stays plain causal in the compacted order). Decode steps and later turns take th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -325,6 +326,27 @@ def _prune_fresh(
 _MASK_MAX_QUERIES = 64
 
 
+def _not_revived(
+    cache: LazyCache,
+    scores: mx.array,
+    candidates: mx.array,
+    count: int,
+    forced: mx.array,
+    selected: mx.array,
+    from_aux: mx.array,
+    end: int,
+) -> mx.array:
+    """Bool per selected token: wanted back from the aux cache but ranked below the config's
+    revive_top share of the selection, so it stays pruned this time (all False at 1.0)."""
+    top = cache.config.revive_top
+    if top >= 1.0:
+        return mx.zeros(selected.shape, dtype=mx.bool_)
+    n_top = max(math.ceil(top * count), min(count, cache.schedule.forced_count(end)))
+    eligible = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
+    eligible[candidates[select_top(scores, n_top, forced)]] = True
+    return from_aux & ~eligible[selected]
+
+
 def _select_and_revive(
     cache: LazyCache, k: int, flight: _InFlight, ranked: _StageResult, end: int, stats: LazyStats
 ) -> tuple[_InFlight, _Attend]:
@@ -334,19 +356,22 @@ def _select_and_revive(
     count = _boundary_count(cache, k, ranked.n_candidates, end)
     # Masked-out candidates score -1 and the always-kept tokens are among the candidates.
     candidates = ranked.candidates
-    selected = candidates[select_top(ranked.scores, count, _always_kept(cache, candidates, end))]
+    forced = _always_kept(cache, candidates, end)
+    selected = candidates[select_top(ranked.scores, count, forced)]
 
     in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
     in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
-    is_selected = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
-    is_selected[selected] = True
-
     missing = store.index_of[selected] < 0
     from_aux = missing & (in_flight_row[selected] < 0)
+    skipped = _not_revived(cache, ranked.scores, candidates, count, forced, selected, from_aux, end)
+    is_selected = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
+    is_selected[selected] = ~skipped
+    missing, from_aux = missing & ~skipped, from_aux & ~skipped
+
     left_behind = ~is_selected[flight.positions]
     new = missing & (selected >= cache.offset)
-    n_missing, n_from_aux, n_left, n_new = mx.stack(
-        [missing.sum(), from_aux.sum(), left_behind.sum(), new.sum()]
+    n_missing, n_from_aux, n_left, n_new, n_skipped = mx.stack(
+        [missing.sum(), from_aux.sum(), left_behind.sum(), new.sum(), skipped.sum()]
     ).tolist()  # the one host sync of a boundary: the shapes below depend on these counts
 
     if n_left:
@@ -354,6 +379,9 @@ def _select_and_revive(
         rows = mx.sort(mx.where(left_behind, order, order + _FAR))[:n_left]
         aux.append(flight.positions[rows], flight.hidden[0, rows])
     todo = mx.sort(mx.where(missing, selected, selected + _FAR))[:n_missing]
+    if n_skipped:
+        count -= n_skipped
+        selected = mx.sort(mx.where(skipped, selected + _FAR, selected))[:count]
     rows_in_flight = in_flight_row[todo]
     hidden = flight.hidden[0, mx.maximum(rows_in_flight, 0)]
     if n_from_aux:

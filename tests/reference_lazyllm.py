@@ -6,6 +6,8 @@ oracle for the engine's selections, KV contents, revivals and logits. Only for t
 
 from __future__ import annotations
 
+import math
+
 import lazyllm_mlx  # noqa: F401
 from lazyllm_mlx.config import LazyConfig, Schedule, boundary_count
 
@@ -109,6 +111,15 @@ class ReferenceLazyLLM:
                 keep = boundary_count(len(attend), self.schedule.keep[k - 1], forced)
                 ranked = sorted(attend, key=lambda p: (self._always(p), scores[p]), reverse=True)
                 selected = sorted(ranked[:keep])
+                if self.rule.revive_top < 1.0:  # pruned tokens come back only from the top share
+                    top = max(math.ceil(self.rule.revive_top * keep), min(keep, forced))
+                    eligible = set(ranked[:top])
+                    first_layer = stage[0]
+                    selected = [
+                        p
+                        for p in selected
+                        if p in eligible or p in todo or p in self.kv[first_layer]
+                    ]
                 selections.append(selected)
                 first_layer = stage[0]
                 carried = {}

@@ -23,7 +23,8 @@ def test_presets():
 
 
 def test_one_line_syntax_round_trips():
-    for text in ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive;random", "none"]:
+    texts = ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive;random", "none"]
+    for text in [*texts, "8:0.4,18:0.5;w=64;pool=13;heads=max;sink=4;revive=0.25"]:
         config = LazyConfig.parse(text)
         assert LazyConfig.parse(config.to_string()) == config
     config = LazyConfig.parse("9:0.7,18:0.5;min=512;norevive")
@@ -44,6 +45,8 @@ def test_one_line_syntax_round_trips():
         (dict(boundaries=(3,), keep=(0.5, 0.5)), "1 boundaries but 2 keep"),
         (dict(boundaries=(0.3, 9), keep=(0.5, 0.5)), "mix"),
         (dict(boundaries=(1.5,), keep=(0.5,)), "depth fraction in \\(0, 1\\)"),
+        (dict(boundaries=(3,), keep=(0.5,), revive_top=0.0), "revive must be a fraction"),
+        (dict(boundaries=(3,), keep=(0.5,), revive_top=1.5), "revive must be a fraction"),
     ],
 )
 def test_invalid_schedules_are_refused(kwargs, message):

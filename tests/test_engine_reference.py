@@ -61,6 +61,8 @@ RULES = [
     "paper;w=3;recent=5",
     "3:12,6:8;w=4;pool=3",
     "2:0.6,6:0.5;w=20;heads=max;sink=3;recent=24",
+    "2:0.5,5:0.6,8:0.5;w=4;pool=3;revive=0.3",  # pruned tokens revived only from the top 30 %
+    "4:0.3;w=2;heads=max;revive=0.5",
 ]
 
 
@@ -116,3 +118,18 @@ def test_a_decode_step_runs_each_layer_once():
         token = mx.argmax(logits, axis=-1)
         logits = lazy_forward(family, cache, token, stats, prune=True, decoding=True)
     assert stats.revived > 0 and calls == [4] * family.num_layers
+
+
+def test_revival_from_the_top_share_revives_fewer_tokens():
+    """revive=F skips the selected pruned tokens ranked below the top F of the selection: the
+    same prompt revives fewer tokens than with LazyLLM's rule (and the reference agrees)."""
+    model = tiny_model("llama", num_hidden_layers=10)
+    family = family_of(model)
+    revived = {}
+    for top in ("", ";revive=0.2"):
+        config = LazyConfig.parse("2:0.5,5:0.6,8:0.5;w=2" + top)
+        cache = make_lazy_cache(model, config)
+        reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
+        stats = prefill_and_decode_against(reference, family, cache, random_prompt(40), True)
+        revived[top] = stats.revived
+    assert revived[""] > revived[";revive=0.2"]
