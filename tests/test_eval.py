@@ -255,3 +255,19 @@ def test_eval_command_smoke(tmp_path, capsys, monkeypatch, tokenizer):
     assert "random[paper]" in capsys.readouterr().out
     if plot is not None:
         assert plot.stat().st_size > 0
+
+
+def test_a_long_run_reports_what_it_has_done_after_every_prompt(tokenizer):
+    """on_prompt sees the report over the prompts done so far (for a JSON kept during the run)."""
+    from lazyllm_mlx.evals.run import evaluate
+
+    model = tiny_model("llama", vocab_size=len(tokenizer.vocab))
+    seen = []
+    report = evaluate(
+        model, tokenizer, schedules=["paper"], lengths=[320], tasks=["passkey", "kv"], num=1,
+        max_tokens=2, references=False, include_none=False, log=None,
+        on_prompt=lambda partial: seen.append(partial),
+    )  # fmt: skip
+    assert len(seen) == 1  # after the first of two prompts; the last one is the report itself
+    assert [len(r["instances"]) for r in seen[0]["results"]] == [1, 1]
+    assert [len(r["instances"]) for r in report["results"]] == [2, 2]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
+from pathlib import Path
 from typing import Any
 
 from ..config import split_schedules
@@ -145,6 +147,17 @@ def run(args: argparse.Namespace) -> int:
         pyplot()  # fails before the long run, not after it
     model, tokenizer = load(args.model)
     chat = None if args.chat == "auto" else args.chat == "on"
+    header = dict(
+        model=model_label(args.model),
+        command=command_line(args),
+        python=platform.python_version(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
+
+    def keep_partial(report: dict[str, Any]) -> None:  # a long run's JSON holds what it has done
+        if args.json:
+            write_json(args.json, dict(header, partial=True, **report))
+
     report = evaluate(
         model,
         tokenizer,
@@ -159,14 +172,9 @@ def run(args: argparse.Namespace) -> int:
         include_none=not (args.no_none or searching),
         log=stderr_log(args.quiet),
         baselines=BaselineStore(args.baseline_cache, model) if args.baseline_cache else None,
+        on_prompt=keep_partial,
     )
-    report = dict(
-        model=model_label(args.model),
-        command=command_line(args),
-        python=platform.python_version(),
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        **report,
-    )
+    report = dict(header, **report)
     print_table(report)
     if searching:
         best = best_schedule(report, args.search)
@@ -181,13 +189,20 @@ def run(args: argparse.Namespace) -> int:
                 f"--schedule '{best['schedule']}'"
             )
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
     if args.plot:
         from ..evals.plots import plot_report
 
         plot_report(report, args.plot)
     return 0
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Replace `path` whole (a reader never sees half a report)."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.partial")
+    temporary.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    os.replace(temporary, target)
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -177,7 +177,7 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
         ttft_speedup=speedup(base),
         ttft_speedup_vs_none=speedup(none) if none is not None else None,
         baselines_reused=sum(bool(b.get("reused")) for b in base),
-        instances=records,
+        instances=list(records),
     )
 
 
@@ -200,11 +200,13 @@ def evaluate(
     include_none: bool = True,
     log: Callable[[str], None] | None = _log,
     baselines: BaselineStore | None = None,
+    on_prompt: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every method on `num` prompts per task and length; returns the report (JSON-ready).
 
     baselines: where to reuse and keep the baseline's outcomes (its TTFT then comes from the
-    run that stored it, so TTFT ratios against it are not interleaved)."""
+    run that stored it, so TTFT ratios against it are not interleaved). on_prompt: called after
+    every prompt with the report so far (the prompts done), e.g. to keep a long run's JSON."""
     num_layers = family_of(model).num_layers
     chat = tokenizer.has_chat_template if chat is None else chat
     log = log or (lambda _: None)
@@ -236,10 +238,22 @@ def evaluate(
                     f"{method.label}: score {record['score']:.2f}, TTFT {outcome.ttft:.2f} s, "
                     f"{outcome.text.strip()[:40]!r}"
                 )
-        none = records.get("none")
-        for method in methods:
-            row = summarize(method, records[method.label], records["baseline"], none)
-            results.append(dict(length=length, **row))
+            if on_prompt is not None and i + 1 < len(prompts):
+                done = results + _summaries(length, methods, records)
+                on_prompt(_report(num_layers, chat, lengths, tasks, num, seed, done))
+        results += _summaries(length, methods, records)
+    return _report(num_layers, chat, lengths, tasks, num, seed, results)
+
+
+def _summaries(length: int, methods: list[Method], records: dict[str, list[dict]]) -> list[dict]:
+    none = records.get("none")
+    return [
+        dict(length=length, **summarize(m, records[m.label], records["baseline"], none))
+        for m in methods
+    ]
+
+
+def _report(num_layers, chat, lengths, tasks, num, seed, results) -> dict[str, Any]:
     return dict(
         num_layers=num_layers,
         chat_template=chat,
