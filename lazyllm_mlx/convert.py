@@ -146,14 +146,23 @@ def _save(folder: Path, source: Path, model, tokenizer, config: dict) -> None:
 
 @contextmanager
 def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `target`, renamed to `target` on success, removed on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    """A temporary folder beside `target`, renamed to `target` on success, removed on failure.
+    Write errors name `target`, not the temporary folder."""
+    folder = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        )
         yield folder
         _publish(folder, target, overwrite)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise OSError(f"cannot write {target}: {error.strerror or error}") from None
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish(folder: Path, target: Path, overwrite: bool) -> None:

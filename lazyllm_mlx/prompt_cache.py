@@ -79,13 +79,16 @@ def save_lazy_cache(
         user=metadata or {},
     )
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
-    os.close(fd)
-    try:
+    tmp = None
+    try:  # errors name the file asked for, not the temporary one beside it
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+        os.close(fd)
         mx.save_safetensors(tmp, arrays, metadata={"lazyllm": json.dumps(header)})
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        raise OSError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

@@ -6,14 +6,16 @@ import argparse
 
 from ..config import LazyConfig
 from ..convert import DTYPES, convert
-from .common import MODEL_HELP, add_model_argument
+from .common import MODEL_HELP, add_model_argument, output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mlx_lm.convert import QUANT_RECIPES
 
     add_model_argument(parser, "--hf-path", "--model", help=f"Source: {MODEL_HELP}")
-    parser.add_argument("--mlx-path", default="mlx_model", help="Folder to write the model to")
+    parser.add_argument(
+        "--mlx-path", type=output_folder, default="mlx_model", help="Folder to write the model to"
+    )
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights")
     parser.add_argument("--q-group-size", type=int, default=None, help="Quantization group size")
     parser.add_argument("--q-bits", type=int, default=None, help="Bits per quantized weight")

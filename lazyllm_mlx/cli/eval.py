@@ -19,7 +19,7 @@ from ..evals.baselines import BaselineStore
 from ..evals.run import best_schedule, evaluate
 from ..evals.tasks import TASKS
 from ..loading import load
-from .common import add_model_argument, int_list, model_label, stderr_log
+from .common import add_model_argument, int_list, model_label, output_file, stderr_log
 
 # Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
 # the `default` layout (a first half unpruned) at a milder and its own keep.
@@ -84,8 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Reuse the baseline's outcomes stored in DIR and store new ones there: a new "
         "schedule then costs only its own runs (TTFT × is then against the stored runs)",
     )
-    parser.add_argument("--json", metavar="PATH", help="Write the report as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="Draw accuracy vs TTFT speed-up (PNG)")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="Write the report as JSON")
+    parser.add_argument(
+        "--plot", type=output_file, metavar="PATH", help="Draw accuracy vs TTFT speed-up (PNG)"
+    )
     parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
 
 

@@ -19,6 +19,7 @@ from .common import (
     add_chat_template_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
+    add_sampling_arguments,
     add_schedule_argument,
     chat_template_config,
     model_label,
@@ -40,10 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-file", help="Read the message from this file (long prompts)")
     parser.add_argument("--max-tokens", "-m", type=int, default=100)
-    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
-    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
-    parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k")
+    add_sampling_arguments(parser)
     parser.add_argument("--min-tokens-to-keep", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     add_chat_template_arguments(parser)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..default_model import DEFAULT_MODEL_NAME
@@ -11,7 +10,14 @@ from ..families import family_of
 from ..generate import resolve_schedule
 from ..loading import load
 from ..server import GenerationService, make_server
-from .common import add_model_argument, add_prefill_step_size_argument, add_schedule_argument
+from .common import (
+    add_model_argument,
+    add_prefill_step_size_argument,
+    add_schedule_argument,
+    json_object,
+    non_negative_float,
+    unit_float,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'a request may choose its own with the extra field "lazy".',
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens")
-    parser.add_argument("--temp", type=float, default=0.0, help="Default temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Default top_p")
+    parser.add_argument("--temp", type=non_negative_float, default=0.0, help="Default temperature")
+    parser.add_argument("--top-p", type=unit_float, default=1.0, help="Default top_p")
     add_prefill_step_size_argument(parser)
     parser.add_argument(
-        "--chat-template-args", default=None, help="JSON dict of apply_chat_template arguments"
+        "--chat-template-args",
+        type=json_object,
+        default=None,
+        help="JSON dict of apply_chat_template arguments",
     )
     parser.add_argument(
         "--cache-slots",
@@ -40,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    template_args = json.loads(args.chat_template_args) if args.chat_template_args else {}
+    template_args = args.chat_template_args or {}
     model, tokenizer = load(args.model)
     lazy = resolve_schedule(model, args.schedule)
     if lazy is not None:
