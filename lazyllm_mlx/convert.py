@@ -62,6 +62,8 @@ def convert(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if not quantize and (q_bits or q_group_size or quant_predicate):
         raise ValueError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
+    if quantize:
+        check_quantization(q_group_size, q_bits, q_mode)
     lazy = as_config(schedule)
     show = sys.stderr.isatty() if progress is None else progress
     source = default_model_path() if hf_path is None else hf_path
@@ -111,6 +113,27 @@ def _stored_dtype(config: dict) -> str | None:
     return None
 
 
+# mlx_lm.utils.quantize_model's defaults per mode: (group size, bits)
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
+def check_quantization(group_size: int | None, bits: int | None, mode: str) -> None:
+    """Refuse what MLX cannot quantize, before loading anything (mlx-lm would otherwise skip
+    every layer in silence and write an unquantized model)."""
+    if mode not in MODE_DEFAULTS:
+        raise ValueError(f"--q-mode must be one of {', '.join(MODE_DEFAULTS)}, not {mode!r}")
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    group = default_group if group_size is None else group_size
+    nbits = default_bits if bits is None else bits
+    if group < 1 or nbits < 1:
+        raise ValueError(f"--q-group-size {group} / --q-bits {nbits}: both must be positive")
+    try:
+        mx.quantize(mx.zeros((1, group * 8)), group, nbits, mode=mode)
+    except ValueError as error:
+        reason = str(error).removeprefix("[quantize] ")
+        raise ValueError(f"--q-group-size {group} / --q-bits {nbits} ({mode}): {reason}") from None
+
+
 def _quantize(model, config, group_size, bits, mode, recipe) -> tuple[nn.Module, dict]:
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import quantize_model
@@ -120,7 +143,16 @@ def _quantize(model, config, group_size, bits, mode, recipe) -> tuple[nn.Module,
         if mode != "affine":
             raise ValueError("Mixed-bit recipes (--quant-predicate) need the affine mode.")
         predicate = mixed_quant_predicate_builder(recipe, model, group_size or 64)
-    return quantize_model(model, config, group_size, bits, mode=mode, quant_predicate=predicate)
+    model, config = quantize_model(
+        model, config, group_size, bits, mode=mode, quant_predicate=predicate
+    )
+    if not any(hasattr(m, "bits") for _, m in model.named_modules()):
+        group = group_size or MODE_DEFAULTS[mode][0]
+        raise ValueError(
+            f"No layer could be quantized with groups of {group}: the weights' rows are not "
+            "multiples of it. Choose another --q-group-size."
+        )
+    return model, config
 
 
 def _evaluate(model: nn.Module, show: bool) -> None:
@@ -148,12 +180,14 @@ def _save(folder: Path, source: Path, model, tokenizer, config: dict) -> None:
 def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside `target`, renamed to `target` on success, removed on failure.
     Write errors name `target`, not the temporary folder."""
-    folder = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(
             tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
         )
+    except OSError as error:
+        raise OSError(f"cannot write {target}: {error.strerror or error}") from None
+    try:
         yield folder
         _publish(folder, target, overwrite)
     except FileExistsError:
@@ -161,8 +195,7 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     except OSError as error:
         raise OSError(f"cannot write {target}: {error.strerror or error}") from None
     finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish(folder: Path, target: Path, overwrite: bool) -> None:

@@ -207,6 +207,45 @@ def test_bad_arguments(tmp_path, gguf_files):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(q_group_size=7), "--q-group-size 7 / --q-bits 4 .affine.: The requested group"),
+        (dict(q_bits=7), "--q-bits 7 .affine.: The requested number of bits 7 is not supported"),
+        (dict(q_bits=0), "both must be positive"),
+        (dict(q_mode="mxfp4", q_group_size=64), "mxfp4 quantization requires group size 32"),
+        (dict(q_mode="int3"), "--q-mode must be one of"),
+    ],
+)
+def test_quantization_mlx_cannot_do_is_refused_before_loading(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path / "not-loaded.gguf", tmp_path / "out", quantize=True, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_group_size_no_layer_divides_writes_nothing(tmp_path, gguf_files):
+    # The tiny models' rows are 64 and 256 wide: groups of 128 fit only some of them ...
+    convert(gguf_files["llama"], tmp_path / "some", quantize=True, q_group_size=128)
+    assert any(k.endswith(".scales") for k in mx.load(str(tmp_path / "some/model.safetensors")))
+    # ... and a model whose rows no group size divides is refused rather than left unquantized.
+    odd = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2)
+    folder = tmp_path / "odd"
+    save_model(folder, tiny_model("llama", **odd))
+    save_config({**COMMON, **FAMILY_CONFIGS["llama"], **odd}, folder / "config.json")
+    tiny_tokenizer()._tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match="No layer could be quantized with groups of 32"):
+        convert(folder, tmp_path / "out", quantize=True, q_group_size=32, q_bits=8)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_unwritable_target_is_named_not_its_temporary_folder(tmp_path, gguf_files):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"cannot write {blocker / 'out'}") as error:
+        convert(gguf_files["llama"], blocker / "out")
+    assert ".partial" not in str(error.value)
+
+
 def test_progress_bar_only_when_asked(tmp_path, gguf_files, capsys):
     convert(gguf_files["llama"], tmp_path / "a", progress=False)
     assert capsys.readouterr().err == ""
