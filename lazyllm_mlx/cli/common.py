@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -233,3 +234,40 @@ def output_folder(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
     _writable_folder(path, text)
     return text
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = _number(text, int, "a port number")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return value
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([KMG]?)B?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def byte_size(text: str) -> int:
+    """argparse type: a size in bytes, as mlx-lm's server takes it: 500000000, 500MB, 2G."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 2GB, 500MB or 1000000, got {text!r}"
+        )
+    return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each flag with its default (when it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        said = "(default" in text.lower() or "default:" in text.lower()
+        if shown and action.option_strings and not said:
+            default = action.default
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            text += f" (default: {default})"
+        return text
