@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
+from ..config import LazyConfig
 from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
@@ -127,7 +128,18 @@ def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
     return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix_fraction(a, b))
 
 
-def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
+def unpruned_reason(lazy: LazyConfig, prompt_tokens: int) -> str:
+    """Why a lazy run computed every token-layer."""
+    if prompt_tokens < lazy.min_prompt_tokens:
+        return (
+            f"the prompt's {prompt_tokens} tokens are fewer than the schedule's "
+            f"min={lazy.min_prompt_tokens} (shorter prompts gain nothing from pruning)"
+        )
+    return "the schedule kept every token of this prompt"
+
+
+def print_comparison(base: dict, lazy: dict, agree: dict, unpruned: str | None = None) -> None:
+    """unpruned: why nothing was pruned, when nothing was: then no speed-up is claimed."""
     rows = [
         ("TTFT (s)", "ttft", "{:.3f}"),
         ("prompt tokens/s", "prompt_tps", "{:.1f}"),
@@ -140,9 +152,17 @@ def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
     for title, key, fmt in rows:
         cells = [fmt.format(r[key]) if r[key] is not None else "1.000*" for r in (base, lazy)]
         print(f"{title:<22}{cells[0]:>14}{cells[1]:>14}")
-    speedup = f"×{base['ttft'] / lazy['ttft']:.2f}"
-    print(f"{'TTFT speed-up':<22}{'':>14}{speedup:>14}")
+    if unpruned is None:
+        speedup = f"×{base['ttft'] / lazy['ttft']:.2f}"
+        print(f"{'TTFT speed-up':<22}{'':>14}{speedup:>14}")
+    else:
+        print(f"{'TTFT speed-up':<22}{'':>14}{'none':>14}")
     print(f"schedule: {lazy['schedule']}   (* baseline computes every token at every layer)")
+    if unpruned is not None:
+        print(
+            f"nothing was pruned: {unpruned}; both runs did the same work, so their TTFT "
+            "difference is noise or the engine's, not LazyLLM's"
+        )
     if agree["identical"]:
         print(f"agreement: identical generations ({len(base['tokens'])} tokens)")
     else:
@@ -191,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
             "lazy": run_once(model, tokenizer, tokens, lazy, args, "lazy", echo),
         }
         report["agreement"] = agreement(runs["baseline"]["tokens"], runs["lazy"]["tokens"])
+        report["pruned"] = runs["lazy"]["prefill_fraction"] < 1.0
     else:
         label = "lazy" if lazy is not None else "baseline"
         runs = {label: run_once(model, tokenizer, tokens, lazy, args, label, echo, cache)}
@@ -199,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     elif args.compare:
         print(f"model: {report['model']}, prompt: {len(tokens)} tokens")
-        print_comparison(runs["baseline"], runs["lazy"], report["agreement"])
+        unpruned = None if report["pruned"] else unpruned_reason(lazy, len(tokens))
+        print_comparison(runs["baseline"], runs["lazy"], report["agreement"], unpruned)
     elif args.verbose:
         (result,) = runs.values()
         print("=" * 10)
