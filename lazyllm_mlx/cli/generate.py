@@ -1,4 +1,8 @@
-"""`lazyllm-mlx generate`: mlx-lm's generate flags, plus --schedule, --compare, --json."""
+"""`lazyllm-mlx generate`: mlx-lm's generate flags, plus --schedule, --compare, --json.
+
+mlx-lm's flags that need its own KV cache (--max-kv-size, --kv-bits) work with --schedule off
+(plain mlx-lm) and are refused with the reason otherwise; --draft-model is refused (see
+`check_mlx_lm_options`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
@@ -24,6 +29,8 @@ from .common import (
     add_schedule_argument,
     chat_template_config,
     model_label,
+    non_negative_int,
+    positive_int,
     progress_bar,
     read_prompt,
 )
@@ -65,6 +72,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Continue a cache saved by `lazyllm-mlx cache-prompt`: the prompt goes on from the "
         "cached document (model and schedule default to the file's)",
     )
+    add_mlx_lm_arguments(parser)
+
+
+def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The rest of mlx_lm.generate's flags: each works, or is refused with the reason."""
+    parser.add_argument("--adapter-path", help="Trained adapter weights and config (LoRA)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Let the tokenizer run code from the model's repository (never implied)",
+    )
+    parser.add_argument(
+        "--extra-eos-token",
+        nargs="+",
+        default=(),
+        help="More tokens (text or ids) that end the generation",
+    )
+    baseline = " (plain mlx-lm only: --schedule off)"
+    parser.add_argument(
+        "--max-kv-size", type=positive_int, default=None, help="KV cache size cap" + baseline
+    )
+    parser.add_argument(
+        "--kv-bits", type=positive_int, default=None, help="Quantize the KV cache" + baseline
+    )
+    parser.add_argument("--kv-group-size", type=positive_int, default=64, help="With --kv-bits")
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=non_negative_int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        help="With --kv-bits: quantize from this step on",
+    )
+    parser.add_argument("--draft-model", default=None, help="Not supported (speculative decoding)")
+    parser.add_argument("--num-draft-tokens", type=positive_int, default=3, help=argparse.SUPPRESS)
+
+
+def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """mlx-lm's KV cache options for the baseline's generate_step; ValueError, with the reason,
+    where they cannot apply. Checked before any model is loaded."""
+    if args.draft_model is not None:
+        raise ValueError(
+            "--draft-model is not supported: speculative decoding verifies several drafted "
+            "tokens in one forward pass, while the lazy engine decodes one token at a time with "
+            "revival; for plain mlx-lm, run mlx_lm.generate --draft-model."
+        )
+    options = {}
+    if args.max_kv_size is not None:
+        options["max_kv_size"] = args.max_kv_size
+    if args.kv_bits is not None:
+        options.update(
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            quantized_kv_start=args.quantized_kv_start,
+        )
+    if not options:
+        return options
+    flags = " and ".join(f"--{k.replace('_', '-')}" for k in ("max_kv_size", "kv_bits")
+                         if k in options)  # fmt: skip
+    why = (
+        "the lazy engine keeps the KV of every token it computed in the model's dtype (a "
+        "pruned token may be revived at any later step), so it can neither drop the oldest "
+        "tokens nor quantize them"
+    )
+    if args.compare:
+        raise ValueError(f"{flags} cannot be used with --compare: {why}.")
+    if args.prompt_cache_file:
+        raise ValueError(f"{flags} cannot be used with --prompt-cache-file: {why}.")
+    if args.schedule != "off":
+        raise ValueError(f"{flags} need --schedule off (plain mlx-lm): {why}.")
+    return options
 
 
 def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
@@ -83,7 +159,7 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
 
 
 def run_once(
-    model, tokenizer, tokens, lazy, args, label: str, echo: bool, prompt_cache=None
+    model, tokenizer, tokens, lazy, args, label: str, echo: bool, prompt_cache=None, **options
 ) -> dict[str, Any]:
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -101,6 +177,7 @@ def run_once(
         prefill_step_size=args.prefill_step_size,
         prompt_progress_callback=progress_bar(label),
         prompt_cache=prompt_cache,
+        **options,
     )
     if echo:
         print()
@@ -174,8 +251,30 @@ def print_comparison(base: dict, lazy: dict, agree: dict, unpruned: str | None =
         print(f"--- {name} ---\n{run['text']}")
 
 
+def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer with mlx-lm's loading flags: an adapter, trusted remote code
+    (only when asked), extra end-of-generation tokens."""
+    trust = bool(args.trust_remote_code)
+    if args.adapter_path is None and not trust:
+        model, tokenizer = load(model)
+    else:
+        model, tokenizer = load(
+            model,
+            adapter_path=args.adapter_path,
+            trust_remote_code=trust,
+            tokenizer_config={"trust_remote_code": True} if trust else None,
+        )
+    for token in args.extra_eos_token:
+        try:
+            tokenizer.add_eos_token(token)
+        except ValueError as error:
+            raise ValueError(f"--extra-eos-token: {error}") from None
+    return model, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
+    options = check_mlx_lm_options(args)
     cache = None
     if args.prompt_cache_file:
         if args.compare:
@@ -184,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "A prompt cache file holds LazyLLM state: --schedule 'off' cannot use it."
             )
-        model, tokenizer = load(args.model or cached_model(args.prompt_cache_file))
+        model, tokenizer = load_model(args, args.model or cached_model(args.prompt_cache_file))
         lazy, tokens, cache = continue_from_file(
             args.prompt_cache_file,
             model,
@@ -195,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             chat_template=not args.ignore_chat_template,
         )
     else:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_model(args, args.model)
         lazy = resolve_schedule(model, args.schedule)
         tokens = prompt_tokens(tokenizer, text, args)
     echo = args.verbose and not args.json and not args.compare
@@ -214,7 +313,9 @@ def run(args: argparse.Namespace) -> int:
         report["pruned"] = runs["lazy"]["prefill_fraction"] < 1.0
     else:
         label = "lazy" if lazy is not None else "baseline"
-        runs = {label: run_once(model, tokenizer, tokens, lazy, args, label, echo, cache)}
+        runs = {
+            label: run_once(model, tokenizer, tokens, lazy, args, label, echo, cache, **options)
+        }
     report["runs"] = runs
     if args.json:
         print(json.dumps(report))
