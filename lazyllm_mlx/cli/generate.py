@@ -20,7 +20,7 @@ from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
 from ..loading import load
-from ..prompt_cache import cached_model, continue_from_file
+from ..prompt_cache import cached_model, check_plain, continue_from_file
 from .common import (
     add_chat_template_arguments,
     add_model_argument,
@@ -279,19 +279,18 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_cache_file:
         if args.compare:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
-        if args.schedule == "off":
-            raise ValueError(
-                "A prompt cache file holds LazyLLM state: --schedule 'off' cannot use it."
-            )
+        plain = args.schedule == "off"
+        check_plain(args.prompt_cache_file, plain)  # before a model is loaded for nothing
         model, tokenizer = load_model(args, args.model or cached_model(args.prompt_cache_file))
         lazy, tokens, cache = continue_from_file(
             args.prompt_cache_file,
             model,
             tokenizer,
             text,
-            None if args.schedule is None else resolve_schedule(model, args.schedule),
+            None if args.schedule is None or plain else resolve_schedule(model, args.schedule),
             system_prompt=args.system_prompt,
             chat_template=not args.ignore_chat_template,
+            plain=plain,
         )
     else:
         model, tokenizer = load_model(args, args.model)
@@ -300,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
     echo = args.verbose and not args.json and not args.compare
     report: dict[str, Any] = dict(model=model_label(args.model))
     report["prompt_tokens"] = len(tokens)
-    report["cached_tokens"] = cache.offset if cache is not None else 0
+    held = cache[0] if isinstance(cache, list) else cache  # mlx-lm's caches: one per layer
+    report["cached_tokens"] = held.offset if held is not None else 0
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
