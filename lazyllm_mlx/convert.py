@@ -95,6 +95,7 @@ def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any,
         trust_remote_code=trust_remote_code,
         lazy=True,
         progress=show,
+        quantized=False,  # a GGUF source is dequantized; -q quantizes it anew
     )
     if path.is_file():  # GGUF
         config["torch_dtype"] = dtype or GGUF_DEFAULT_DTYPE

@@ -2,7 +2,9 @@
 
 Tensors are read by `.reader` and dequantized with gguf-py's `gguf.quants`. llama.cpp stores
 llama q/k weights permuted for its interleaved RoPE and Gemma norms as w+1: both are undone, so
-mlx-lm's own classes run unchanged.
+mlx-lm's own classes run unchanged. In float32 (the CPU path) every tensor is dequantized; in
+float16 or bfloat16 (the GPU path) quantized tensors stay quantized, as MLX affine weights
+(`.quantized`), and the config records them under "quantization" as mlx-lm's does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from gguf import GGMLQuantizationType
 
 from .._mlx_lm_private import model_from_config
 from .._platform import default_dtype
+from .quantized import GROUP_SIZE, mlx_bits, quantize_tensor
 from .reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
 
 # llama.cpp architecture -> (mlx-lm model_type, per-architecture tensor name overrides)
@@ -239,10 +242,13 @@ def load_gguf(
     tokenizer_config: dict | None = None,
     progress: bool | None = None,
     return_config: bool = False,
+    quantized: bool | None = None,
 ) -> tuple:
     """Load a GGUF file as `(model, tokenizer)` (plus the config with return_config), like
-    `mlx_lm.load`. Weights are dequantized to `dtype` (default: float32 on CPU, else float16).
-    `progress` shows a progress bar on stderr (default: when stderr is a terminal)."""
+    `mlx_lm.load`. Floating weights are in `dtype` (default: float32 on CPU, else float16).
+    quantized: keep quantized tensors quantized (MLX affine, see `.quantized`); default: unless
+    `dtype` is float32. `progress` shows a progress bar on stderr (default: when stderr is a
+    terminal)."""
     from .tokenizer import build_tokenizer
 
     header = read_header(path)
@@ -254,12 +260,26 @@ def load_gguf(
     tokenizer = build_tokenizer(header.metadata, header.path, tokenizer_config)
     fix = _weight_fixer(arch, config)
     dtype = dtype or default_dtype(getattr(mx, GGUF_DEFAULT_DTYPE))
-    weights = {}
+    keep = dtype != mx.float32 if quantized is None else quantized
+    weights, quantization = {}, {}
     with _progress(len(names), f"Loading {header.path.name}", progress) as bar:
         for name, target in names.items():
-            weights[target] = mx.array(fix(name, read_tensor(data, header.tensors[name])), dtype)
-            mx.eval(weights[target])  # dequantize one tensor at a time to bound memory
+            info = header.tensors[name]
+            dense = read_tensor(data, info)
+            bits = mlx_bits(info) if keep and target.endswith(".weight") else None
+            if bits is None:
+                weights[target] = mx.array(fix(name, dense), dtype)
+            else:
+                stem = target.removesuffix(".weight")
+                packed, scales, biases = quantize_tensor(data, info, dense, dtype)
+                weights[target] = mx.array(fix(name, packed))
+                weights[f"{stem}.scales"] = mx.array(fix(name, scales), dtype)
+                weights[f"{stem}.biases"] = mx.array(fix(name, biases), dtype)
+                quantization[stem] = {"group_size": GROUP_SIZE, "bits": bits}
+            mx.eval(weights)  # one tensor at a time, to bound memory
             bar.update()
+    if quantization:
+        config["quantization"] = {"group_size": GROUP_SIZE, "bits": 4, **quantization}
     model = _build_model(header.path, config, weights)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
@@ -294,6 +314,11 @@ def _build_model(path: Path, config: dict, weights: dict[str, mx.array]) -> Any:
     model = model_from_config(config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    quantization = config.get("quantization")
+    if quantization:
+        import mlx.nn as nn
+
+        nn.quantize(model, class_predicate=lambda p, _: quantization.get(p, False))
     expected = {k for k, _ in tree_flatten(model.parameters())}
     if missing := sorted(expected - weights.keys()):
         raise ValueError(f"{path}: GGUF file lacks tensors for {', '.join(missing[:8])}")
