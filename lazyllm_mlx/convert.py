@@ -96,6 +96,7 @@ def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any,
         lazy=True,
         progress=show,
         quantized=False,  # a GGUF source is dequantized; -q quantizes it anew
+        gguf_cache=False,  # read once: keeping its float16 copy would only fill the disk
     )
     if path.is_file():  # GGUF
         config["torch_dtype"] = dtype or GGUF_DEFAULT_DTYPE

@@ -68,6 +68,7 @@ def load_source(
     lazy: bool = False,
     progress: bool | None = None,
     quantized: bool | None = None,
+    gguf_cache: bool | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any], Path]:
     """`(model, tokenizer, config, local path)` of a GGUF file, an MLX/HF folder or a hub id
     (downloaded first); None is the default model. What `load` and `convert` share.
@@ -76,7 +77,8 @@ def load_source(
     float16). lazy: weights are read when first evaluated (convert does it layer by layer).
     progress: a progress bar on stderr while a GGUF file is read (default: when it is a terminal).
     quantized: whether a GGUF file's quantized tensors stay quantized (default: unless the dtype
-    is float32, the CPU's).
+    is float32, the CPU's). gguf_cache: keep a GGUF file's loaded weights in the user's cache
+    folder for the next load (default: unless LAZYLLM_MLX_GGUF_CACHE=0; see gguf.load_cache).
     """
     path = Path(default_model_path() if source is None else source).expanduser()
     if path.is_file():
@@ -92,6 +94,7 @@ def load_source(
             progress=progress,
             return_config=True,
             quantized=quantized,
+            cache=gguf_cache,
         )
         if adapter_path is not None:
             from mlx_lm.utils import load_adapters

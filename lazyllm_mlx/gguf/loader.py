@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType
 
 from .._mlx_lm_private import model_from_config
 from .._platform import default_dtype
+from . import load_cache
 from .quantized import GROUP_SIZE, mlx_bits, quantize_tensor
 from .reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
 
@@ -243,12 +244,14 @@ def load_gguf(
     progress: bool | None = None,
     return_config: bool = False,
     quantized: bool | None = None,
+    cache: bool | None = None,
 ) -> tuple:
     """Load a GGUF file as `(model, tokenizer)` (plus the config with return_config), like
     `mlx_lm.load`. Floating weights are in `dtype` (default: float32 on CPU, else float16).
     quantized: keep quantized tensors quantized (MLX affine, see `.quantized`); default: unless
-    `dtype` is float32. `progress` shows a progress bar on stderr (default: when stderr is a
-    terminal)."""
+    `dtype` is float32. cache: keep the loaded weights in the user's cache folder and read them
+    from there next time (see `.load_cache`; default: unless LAZYLLM_MLX_GGUF_CACHE=0).
+    `progress` shows a progress bar on stderr (default: when stderr is a terminal)."""
     from .tokenizer import build_tokenizer
 
     header = read_header(path)
@@ -261,27 +264,46 @@ def load_gguf(
     fix = _weight_fixer(arch, config)
     dtype = dtype or default_dtype(getattr(mx, GGUF_DEFAULT_DTYPE))
     keep = dtype != mx.float32 if quantized is None else quantized
-    weights, quantization = {}, {}
-    with _progress(len(names), f"Loading {header.path.name}", progress) as bar:
-        for name, target in names.items():
-            info = header.tensors[name]
-            dense = read_tensor(data, info)
-            bits = mlx_bits(info) if keep and target.endswith(".weight") else None
-            if bits is None:
-                weights[target] = mx.array(fix(name, dense), dtype)
-            else:
-                stem = target.removesuffix(".weight")
-                packed, scales, biases = quantize_tensor(data, info, dense, dtype)
-                weights[target] = mx.array(fix(name, packed))
-                weights[f"{stem}.scales"] = mx.array(fix(name, scales), dtype)
-                weights[f"{stem}.biases"] = mx.array(fix(name, biases), dtype)
-                quantization[stem] = {"group_size": GROUP_SIZE, "bits": bits}
-            mx.eval(weights)  # one tensor at a time, to bound memory
-            bar.update()
+    bits = {
+        name: mlx_bits(header.tensors[name]) if keep and target.endswith(".weight") else None
+        for name, target in names.items()
+    }
+    quantization = {
+        names[name].removesuffix(".weight"): {"group_size": GROUP_SIZE, "bits": b}
+        for name, b in bits.items()
+        if b is not None
+    }
     if quantization:
         config["quantization"] = {"group_size": GROUP_SIZE, "bits": 4, **quantization}
+    cached = load_cache.enabled() if cache is None else cache
+    options = dict(dtype=str(dtype), quantized=keep, model_config=model_config or {})
+    weights = load_cache.load(header.path, options) if cached else None
+    if weights is None:
+        weights = {}
+        with _progress(len(names), f"Loading {header.path.name}", progress) as bar:
+            for name, target in names.items():
+                weights.update(_tensor(data, header.tensors[name], target, bits[name], fix, dtype))
+                mx.eval(weights)  # one tensor at a time, to bound memory
+                bar.update()
+        if cached:
+            load_cache.save(header.path, options, weights)
     model = _build_model(header.path, config, weights)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _tensor(data, info: TensorInfo, target: str, bits: int | None, fix, dtype) -> dict:
+    """One GGUF tensor as mlx-lm parameters: dense in `dtype`, or quantized (weight, scales,
+    biases) when `bits` is set."""
+    dense = read_tensor(data, info)
+    if bits is None:
+        return {target: mx.array(fix(info.name, dense), dtype)}
+    stem = target.removesuffix(".weight")
+    packed, scales, biases = quantize_tensor(data, info, dense, dtype)
+    return {
+        target: mx.array(fix(info.name, packed)),
+        f"{stem}.scales": mx.array(fix(info.name, scales), dtype),
+        f"{stem}.biases": mx.array(fix(info.name, biases), dtype),
+    }
 
 
 def _weight_names(header: GGUFHeader, arch: Any) -> dict[str, str]:
