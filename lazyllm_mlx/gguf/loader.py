@@ -150,7 +150,36 @@ def gguf_to_config(header: GGUFHeader, read: Callable[[TensorInfo], np.ndarray])
     scaling = _rope_scaling(header, get, read, config, rope_dim)
     if scaling is not None:
         config["rope_scaling"] = scaling
+    _check_config(header, config)
     return config
+
+
+_SIZES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+_SIZES += ("num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def _check_config(header: GGUFHeader, config: dict) -> None:
+    """Metadata that cannot describe the file's tensors is corrupt: refused before a model of
+    that size is built."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{header.path}: corrupt GGUF metadata ({what})")
+
+    for key in _SIZES:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+            raise bad(f"{key} = {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = config[key]
+        if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise bad(f"{key} = {value!r}")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise bad(f"{config['num_attention_heads']} heads share {config['num_key_value_heads']}")
+    blocks = {int(n.split(".")[1]) for n in header.tensors if n.startswith("blk.")}
+    if blocks != set(range(config["num_hidden_layers"])):
+        raise bad(f"block_count {config['num_hidden_layers']}, tensors for {len(blocks)} blocks")
+    if header.tensors["token_embd.weight"].shape[1] != config["hidden_size"]:
+        raise bad(f"embedding_length {config['hidden_size']} does not fit token_embd.weight")
 
 
 def _gemma3_config(header: GGUFHeader, get: Callable[..., Any], config: dict) -> dict:
@@ -258,9 +287,17 @@ def load_gguf(
     arch = header.metadata.get("general.architecture")
     names = _weight_names(header, arch)
     data = np.memmap(header.path, np.uint8, mode="r")
-    config = gguf_to_config(header, lambda info: read_tensor(data, info))
+    try:
+        config = gguf_to_config(header, lambda info: read_tensor(data, info))
+    except (TypeError, ArithmeticError) as error:  # values of the wrong type, a zero head count
+        raise ValueError(f"{header.path}: corrupt GGUF metadata ({error})") from None
     config.update(model_config or {})
-    tokenizer = build_tokenizer(header.metadata, header.path, tokenizer_config)
+    try:
+        tokenizer = build_tokenizer(header.metadata, header.path, tokenizer_config)
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001  (tokenizers raises bare Exceptions for bad vocabularies)
+        raise ValueError(f"{header.path}: its tokenizer cannot be built ({error})") from None
     fix = _weight_fixer(arch, config)
     dtype = dtype or default_dtype(getattr(mx, GGUF_DEFAULT_DTYPE))
     keep = dtype != mx.float32 if quantized is None else quantized
