@@ -148,14 +148,15 @@ def check_quantization(
         layers = plan(model, group_size, bits, mode, predicate)
         converted = simulated_perplexity(model, tokens, layers, weights)
         check = Check(source, converted, _describe(bits, group_size, mode, predicate))
-        if check.degraded:
+        if check.degraded:  # plain affine settings: a recipe would override their bits
+            without = " without --quant-predicate" if predicate is not None else ""
             for b, g in _alternatives(bits, group_size, mode):
                 name = _describe(b, g, "affine", None)
                 check.tried[name] = simulated_perplexity(
-                    model, tokens, plan(model, g, b, "affine", predicate), weights
+                    model, tokens, plan(model, g, b, "affine", None), weights
                 )
                 if check.tried[name] / source - 1 <= THRESHOLD:
-                    check.suggestion = f"--q-bits {b} --q-group-size {g} ({name})"
+                    check.suggestion = f"--q-bits {b} --q-group-size {g}{without} ({name})"
                     break
     return check
 

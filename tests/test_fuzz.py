@@ -96,6 +96,9 @@ def fuzz_files(
     return outcomes
 
 
+@pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning", "ignore::UserWarning"
+)  # garbage in, noise out
 def test_mutated_gguf_files_load_or_are_refused(tmp_path):
     tiny = write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=1,
                            types={"attn_q": Q.Q8_0, "ffn_down": Q.Q4_K})  # fmt: skip
