@@ -4,6 +4,7 @@ meets a stale entry, a broken entry is rebuilt."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import lazyllm_mlx
@@ -53,6 +54,18 @@ def test_the_second_load_reads_the_cached_weights(tmp_path, cache_dir, monkeypat
         second, _ = load_gguf(tiny.path, dtype)
     assert same_parameters(first, second)
     assert mx.array_equal(first(PROMPT), second(PROMPT)).item()
+
+
+def test_cached_weights_run_in_another_thread(tmp_path, cache_dir):
+    """The server loads in its main thread and generates in a request's thread."""
+    tiny = write_tiny_gguf(tmp_path / "m.gguf", types=TYPES)
+    load_gguf(tiny.path, mx.float32)
+    model, _ = load_gguf(tiny.path, mx.float32)  # from the cache
+    results = []
+    thread = threading.Thread(target=lambda: results.append(model(PROMPT).sum().item()))
+    thread.start()
+    thread.join()
+    assert len(results) == 1
 
 
 def test_options_and_changed_files_get_their_own_entries(tmp_path, cache_dir):

@@ -81,7 +81,11 @@ def load(path: Path, options: dict[str, Any]) -> dict[str, mx.array] | None:
         from ..loading import check_safetensors
 
         check_safetensors(weights_file)
-        return mx.load(str(weights_file))
+        weights = mx.load(str(weights_file))
+        # Read now: a lazy load belongs to this thread's stream, and the model may run in
+        # another (the server's request threads); a read error also surfaces here.
+        mx.eval(weights)
+        return weights
     except Exception as error:  # noqa: BLE001  (anything wrong: rebuild from the GGUF file)
         _warn(f"dropping the unreadable cached weights of {path.name} ({error}); rebuilding")
         shutil.rmtree(place, ignore_errors=True)
