@@ -155,6 +155,8 @@ class LazyConfig:
         `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth), `9:0.7,18:0.5;min=512` (layer
         indices), `0.25:1024;w=16;pool=7` (a budget of 1024 tokens), `paper;norevive`.
         """
+        if not text.strip():  # a forgotten value, not "none"
+            raise ValueError("The schedule is empty: give a preset, 'none' or 'boundary:keep,...'.")
         head, *options = [part.strip() for part in text.strip().split(";")]
         if head in PRESETS:
             kwargs: dict[str, Any] = dict(PRESETS[head], name=head, from_preset=head)

@@ -3,8 +3,10 @@ with a LazyLLM schedule stored in config.json under "lazyllm".
 
 mlx-lm does the work (`mlx_lm.utils.load`, `quantize_model`, its mixed-bit recipes, `save`, which
 writes the weights, `save_config` and the tokenizer files); this module adds GGUF sources, the
-schedule, a progress bar and a safe write: everything goes to a temporary folder beside the target,
-renamed into place at the end, so a failed conversion leaves nothing behind.
+schedule, a progress bar, a check of what quantization does to the model (`quantization_check`:
+perplexity on a built-in text, a warning with a better setting when it degrades) and a safe write:
+everything goes to a temporary folder beside the target, renamed into place at the end, so a
+failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from .default_model import default_model_path
 from .families import check_supported, model_type_of
 from .gguf.loader import GGUF_DEFAULT_DTYPE
 from .loading import cast_floating, load_source
+from .quantization_check import check_quantization
 
 DTYPES = ("float16", "bfloat16", "float32")  # as mlx_lm convert's --dtype
 
@@ -44,6 +48,8 @@ def convert(
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: bool | None = None,
+    quality_check: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert `hf_path` (folder, hub id, .gguf file; None: the default model) to an MLX folder.
 
@@ -51,7 +57,11 @@ def convert(
     (config.json's torch_dtype, float16 for GGUF). schedule: stored in config.json, used by
     `lazyllm-mlx generate` by default; checked against the model before anything is written.
     overwrite: replace an existing `mlx_path`. progress: a progress bar on stderr (default: when
-    stderr is a terminal). Returns the path of the new folder.
+    stderr is a terminal). quality_check: with `quantize`, measure the perplexity of the quantized
+    weights against the source's on a short built-in text (a forward pass of each: the source's
+    weights are then held in memory at once); a rise beyond quantization_check.THRESHOLD warns
+    (QuantizationWarning) with a setting that would not. report: called with the measurement.
+    Returns the path of the new folder.
     """
     target = Path(mlx_path).expanduser()
     if target.exists() and not overwrite:
@@ -62,6 +72,8 @@ def convert(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if not quantize and (q_bits or q_group_size or quant_predicate):
         raise ValueError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
+    if quantize:
+        check_quantization_options(q_group_size, q_bits, q_mode)
     lazy = as_config(schedule)
     show = sys.stderr.isatty() if progress is None else progress
     source = default_model_path() if hf_path is None else hf_path
@@ -75,7 +87,10 @@ def convert(
         config["lazyllm"] = lazy.to_dict()
 
     if quantize:
-        model, config = _quantize(model, config, q_group_size, q_bits, q_mode, quant_predicate)
+        predicate = _recipe(model, quant_predicate, q_mode, q_group_size)
+        if quality_check:
+            _check(model, tokenizer, q_group_size, q_bits, q_mode, predicate, report)
+        model, config = _quantize(model, config, q_group_size, q_bits, q_mode, predicate)
     _evaluate(model, show)
     with _staging(target, overwrite) as folder:
         _save(folder, src, model, tokenizer, config)
@@ -93,6 +108,8 @@ def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any,
         trust_remote_code=trust_remote_code,
         lazy=True,
         progress=show,
+        quantized=False,  # a GGUF source is dequantized; -q quantizes it anew
+        gguf_cache=False,  # read once: keeping its float16 copy would only fill the disk
     )
     if path.is_file():  # GGUF
         config["torch_dtype"] = dtype or GGUF_DEFAULT_DTYPE
@@ -111,16 +128,66 @@ def _stored_dtype(config: dict) -> str | None:
     return None
 
 
-def _quantize(model, config, group_size, bits, mode, recipe) -> tuple[nn.Module, dict]:
+# mlx_lm.utils.quantize_model's defaults per mode: (group size, bits)
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
+def check_quantization_options(group_size: int | None, bits: int | None, mode: str) -> None:
+    """Refuse what MLX cannot quantize, before loading anything (mlx-lm would otherwise skip
+    every layer in silence and write an unquantized model)."""
+    if mode not in MODE_DEFAULTS:
+        raise ValueError(f"--q-mode must be one of {', '.join(MODE_DEFAULTS)}, not {mode!r}")
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    group = default_group if group_size is None else group_size
+    nbits = default_bits if bits is None else bits
+    if group < 1 or nbits < 1:
+        raise ValueError(f"--q-group-size {group} / --q-bits {nbits}: both must be positive")
+    try:
+        mx.quantize(mx.zeros((1, group * 8)), group, nbits, mode=mode)
+    except ValueError as error:
+        reason = str(error).removeprefix("[quantize] ")
+        raise ValueError(f"--q-group-size {group} / --q-bits {nbits} ({mode}): {reason}") from None
+
+
+class QuantizationWarning(UserWarning):
+    """The quantized model's perplexity rose beyond quantization_check.THRESHOLD."""
+
+
+def _recipe(model, recipe: str | None, mode: str, group_size: int | None):
+    """mlx-lm's predicate for a mixed-bit recipe, or None."""
+    if recipe is None:
+        return None
     from mlx_lm.convert import mixed_quant_predicate_builder
+
+    if mode != "affine":
+        raise ValueError("Mixed-bit recipes (--quant-predicate) need the affine mode.")
+    return mixed_quant_predicate_builder(recipe, model, group_size or 64)
+
+
+def _check(model, tokenizer, group_size, bits, mode, predicate, report) -> None:
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    group = default_group if group_size is None else group_size
+    nbits = default_bits if bits is None else bits
+    check = check_quantization(model, tokenizer, group, nbits, mode, predicate)
+    if report is not None:
+        report(check.summary())
+    if (message := check.warning()) is not None:
+        warnings.warn(message, QuantizationWarning, stacklevel=3)
+
+
+def _quantize(model, config, group_size, bits, mode, predicate) -> tuple[nn.Module, dict]:
     from mlx_lm.utils import quantize_model
 
-    predicate = None
-    if recipe is not None:
-        if mode != "affine":
-            raise ValueError("Mixed-bit recipes (--quant-predicate) need the affine mode.")
-        predicate = mixed_quant_predicate_builder(recipe, model, group_size or 64)
-    return quantize_model(model, config, group_size, bits, mode=mode, quant_predicate=predicate)
+    model, config = quantize_model(
+        model, config, group_size, bits, mode=mode, quant_predicate=predicate
+    )
+    if not any(hasattr(m, "bits") for _, m in model.named_modules()):
+        group = group_size or MODE_DEFAULTS[mode][0]
+        raise ValueError(
+            f"No layer could be quantized with groups of {group}: the weights' rows are not "
+            "multiples of it. Choose another --q-group-size."
+        )
+    return model, config
 
 
 def _evaluate(model: nn.Module, show: bool) -> None:
@@ -146,12 +213,22 @@ def _save(folder: Path, source: Path, model, tokenizer, config: dict) -> None:
 
 @contextmanager
 def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `target`, renamed to `target` on success, removed on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    """A temporary folder beside `target`, renamed to `target` on success, removed on failure.
+    Write errors name `target`, not the temporary folder."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        )
+    except OSError as error:
+        raise OSError(f"cannot write {target}: {error.strerror or error}") from None
     try:
         yield folder
         _publish(folder, target, overwrite)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise OSError(f"cannot write {target}: {error.strerror or error}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -37,7 +37,9 @@ def load(
     """Load `(model, tokenizer)` (plus the config with `return_config`), like `mlx_lm.load`.
 
     None loads the embedded default model (SmolLM2-135M-Instruct). `dtype` defaults to float32 on
-    the CPU; on a GPU, GGUF weights become float16 and other models keep their stored dtype.
+    the CPU (GGUF weights dequantized); on a GPU, a GGUF file's quantized tensors stay quantized
+    (MLX affine, 4 or 8 bits) and its other weights become float16, and other models keep their
+    stored dtype.
     """
     model, tokenizer, config, _ = load_source(
         path_or_hf_repo,
@@ -65,6 +67,8 @@ def load_source(
     trust_remote_code: bool = False,
     lazy: bool = False,
     progress: bool | None = None,
+    quantized: bool | None = None,
+    gguf_cache: bool | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any], Path]:
     """`(model, tokenizer, config, local path)` of a GGUF file, an MLX/HF folder or a hub id
     (downloaded first); None is the default model. What `load` and `convert` share.
@@ -72,6 +76,9 @@ def load_source(
     dtype: of the floating weights; None keeps the stored one (GGUF weights are dequantized to
     float16). lazy: weights are read when first evaluated (convert does it layer by layer).
     progress: a progress bar on stderr while a GGUF file is read (default: when it is a terminal).
+    quantized: whether a GGUF file's quantized tensors stay quantized (default: unless the dtype
+    is float32, the CPU's). gguf_cache: keep a GGUF file's loaded weights in the user's cache
+    folder for the next load (default: unless LAZYLLM_MLX_GGUF_CACHE=0; see gguf.load_cache).
     """
     path = Path(default_model_path() if source is None else source).expanduser()
     if path.is_file():
@@ -86,6 +93,8 @@ def load_source(
             tokenizer_config=tokenizer_config,
             progress=progress,
             return_config=True,
+            quantized=quantized,
+            cache=gguf_cache,
         )
         if adapter_path is not None:
             from mlx_lm.utils import load_adapters

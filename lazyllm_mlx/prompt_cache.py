@@ -1,9 +1,13 @@
 """A lazy prompt cache on disk: save and load a LazyCache, and continue a cached document.
 
 A LazyCache (KV with positions per stage, aux caches, observation windows) is one safetensors file.
-Like mlx-lm's save_prompt_cache, but mlx-lm can only rebuild its own cache classes. The file records
-the schedule and a fingerprint of the model, so a cache is never continued with another model or
-schedule. Lookup maps are rebuilt from the stored positions.
+Its metadata has mlx-lm's `save_prompt_cache` layout (the user's metadata, the cache classes, the
+scalars), with a cache class mlx-lm does not know: mlx-lm's `load_prompt_cache` then stops with a
+KeyError that says what the file is and how to load it, and either tool tells the two apart.
+`load_lazy_cache` also reads mlx-lm's own files (see `mlx_lm_prompt_cache`): a plain KV cache is
+a lazy cache that pruned nothing. The file records the schedule, a fingerprint of the model and a
+checksum of its contents, so a cache is never continued with another model or schedule, and a
+damaged file is refused. Lookup maps are rebuilt from the stored positions.
 
 A cached document follows mlx-lm's convention: the document is the start of a user message (chat
 template applied with `continue_final_message`, so the message stays open), and a later prompt Q
@@ -29,9 +33,16 @@ from .cache import LazyCache, ObservedQueries, StageStore
 from .config import LazyConfig
 from .families import family_of
 from .generate import encode_prompt
+from .loading import check_safetensors
 
-FORMAT = "lazyllm-mlx-cache/1"
+FORMAT = "lazyllm-mlx-cache/2"
 QUERY_MARK = "<query>"
+# Our cache class in mlx-lm's layout: mlx-lm's loader fails to find it, saying this.
+MLX_LM_MARK = (
+    "LazyCache: a lazyllm-mlx prompt cache; load it with lazyllm_mlx.load_lazy_cache or "
+    "`lazyllm-mlx generate --prompt-cache-file`"
+)
+_HEADER = "0.lazyllm"  # our header, among the user's metadata ("0.<key>")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -50,10 +61,28 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def contents_checksum(arrays: dict[str, mx.array], header: dict[str, Any]) -> str:
+    """SHA-256 of every array (name, dtype, shape, bytes) and of the header without it."""
+    digest = hashlib.sha256()
+    described = {k: v for k, v in header.items() if k != "checksum"}
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    for name in sorted(arrays):
+        array = arrays[name]
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(memoryview(array))
+    return digest.hexdigest()
+
+
 def save_lazy_cache(
     path: str | Path, cache: LazyCache, model: nn.Module, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write `cache` to `path` atomically (a failed save leaves any previous file intact)."""
+    """Write `cache` to `path` atomically (a failed save leaves any previous file intact).
+
+    metadata: strings to keep with it (keys without dots, as mlx-lm's layout nests on them)."""
+    metadata = dict(metadata or {})
+    bad = [k for k, v in metadata.items() if "." in k or k == "lazyllm" or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"Metadata keys {bad}: keys must be dot-free, not 'lazyllm'; values str.")
     arrays: dict[str, mx.array] = {}
     for k, store in enumerate(cache.stages):
         arrays[f"stage{k}.positions"] = store.positions[: store.size]
@@ -69,6 +98,8 @@ def save_lazy_cache(
         if window is not None and window.queries is not None:
             arrays[f"observed{k}.positions"] = window.positions
             arrays[f"observed{k}.queries"] = window.queries
+    arrays = {name: mx.contiguous(a) for name, a in arrays.items()}
+    mx.eval(arrays)
     header = dict(
         format=FORMAT,
         model=model_fingerprint(model),
@@ -76,41 +107,96 @@ def save_lazy_cache(
         offset=cache.offset,
         sorted=[store.sorted for store in cache.stages],
         bases=[store.base for store in cache.stages],
-        user=metadata or {},
     )
+    header["checksum"] = contents_checksum(arrays, header)
+    layout = {f"0.{k}": v for k, v in metadata.items()}
+    layout.update({_HEADER: json.dumps(header), "1.0": MLX_LM_MARK, "2.0": ""})
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata={"lazyllm": json.dumps(header)})
+    tmp = None
+    try:  # errors name the file asked for, not the temporary one beside it
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+        os.close(fd)
+        mx.save_safetensors(tmp, arrays, metadata=layout)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        raise OSError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
-def read_cache_header(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+def read_file(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The arrays and metadata of a safetensors prompt-cache file; clear errors for the rest."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a prompt cache file.")
     if not path.is_file():
         raise FileNotFoundError(f"Prompt cache file not found: {path}")
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-        header = json.loads(metadata["lazyllm"])
+        check_safetensors(path)  # before mlx reads it: header and extents make sense
+        return mx.load(str(path), return_metadata=True)
     except Exception as error:  # mlx raises plain exceptions for unreadable files
-        raise ValueError(f"{path} is not a readable lazyllm-mlx prompt cache: {error}") from None
+        raise ValueError(f"{path} is not a readable prompt cache: {error}") from None
+
+
+def file_kind(metadata: dict[str, str]) -> str:
+    """ "lazyllm" (ours), "lazyllm/1" (ours, before checksums), "mlx-lm", or "unknown"."""
+    if _HEADER in metadata and metadata.get("1.0") == MLX_LM_MARK:
+        return "lazyllm"
+    if "lazyllm" in metadata:
+        return "lazyllm/1"
+    if "1.0" in metadata and "2.0" in metadata:
+        return "mlx-lm"
+    return "unknown"
+
+
+def read_cache_header(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """A lazyllm-mlx cache file's arrays and header (with its user metadata as "user"), checked
+    against its checksum."""
+    return _checked_header(path, *read_file(path))
+
+
+def _checked_header(
+    path: str | Path, arrays: dict[str, mx.array], metadata: dict[str, str]
+) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    kind = file_kind(metadata)
+    if kind == "lazyllm/1":
+        raise ValueError(
+            f"{path} was saved by an earlier lazyllm-mlx, without a checksum: cache the document "
+            "again (lazyllm-mlx cache-prompt)."
+        )
+    if kind != "lazyllm":
+        what = "an mlx-lm prompt cache" if kind == "mlx-lm" else "not a lazyllm-mlx prompt cache"
+        raise ValueError(f"{path} is {what}.")
+    try:
+        header = json.loads(metadata[_HEADER])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not an object")
+    except ValueError as error:
+        raise ValueError(f"{path}: corrupt prompt cache (header: {error})") from None
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown prompt cache format {header.get('format')!r}")
-    return arrays, header
+    if header.get("checksum") != contents_checksum(arrays, header):
+        raise ValueError(
+            f"{path}: corrupt prompt cache (its checksum does not match: the file was changed "
+            "or damaged after it was saved)"
+        )
+    user = {k[2:]: v for k, v in metadata.items() if k.startswith("0.") and k != _HEADER}
+    return arrays, {**header, "user": user}
 
 
 def load_lazy_cache(
     path: str | Path, model: nn.Module, lazy: LazyConfig | None = None
 ) -> tuple[LazyCache, dict[str, str]]:
-    """Read a cache saved by save_lazy_cache for `model`; returns it and the user metadata.
+    """Read a cache saved by save_lazy_cache (or mlx-lm's save_prompt_cache: a cache with
+    schedule "none") for `model`; returns it and the user metadata.
 
     `lazy`, when given, must be the schedule the cache was built with.
     """
-    arrays, header = read_cache_header(path)
+    arrays, metadata = read_file(path)
+    if file_kind(metadata) == "mlx-lm":
+        return _from_mlx_lm(path, model, lazy)
+    arrays, header = _checked_header(path, arrays, metadata)
     if header["model"] != model_fingerprint(model):
         raise ValueError(f"{path} was saved with a different model than the one loaded.")
     config = LazyConfig.from_dict(header["config"])
@@ -136,6 +222,23 @@ def load_lazy_cache(
         raise ValueError(f"{path}: corrupt prompt cache ({error})") from None
     mx.eval(cache.state)
     return cache, header.get("user", {})
+
+
+def _from_mlx_lm(
+    path: str | Path, model: nn.Module, lazy: LazyConfig | None
+) -> tuple[LazyCache, dict[str, str]]:
+    from .mlx_lm_prompt_cache import as_lazy_cache, read_mlx_lm_cache
+
+    layers = len(model.layers)
+    none = LazyConfig.preset("none")
+    if lazy is not None and lazy.resolve(layers) != none.resolve(layers):
+        raise ValueError(
+            f"{path} is an mlx-lm prompt cache: every token at every layer, a lazy cache that "
+            f"pruned nothing (schedule 'none'). Continue it with --schedule none, or off (plain "
+            f"mlx-lm), not {lazy.to_string()!r}."
+        )
+    caches, metadata = read_mlx_lm_cache(path, model)
+    return as_lazy_cache(caches, model), metadata
 
 
 def _restore_window(
@@ -245,9 +348,23 @@ def _model_reference(model: str | None) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
+def check_plain(path: str | Path, plain: bool) -> bool:
+    """Whether `path` is an mlx-lm file; ValueError when plain mlx-lm is asked to continue ours."""
+    foreign = file_kind(read_file(path)[1]) == "mlx-lm"
+    if plain and not foreign:
+        raise ValueError(
+            f"{path} holds LazyLLM state: plain mlx-lm (--schedule off) cannot continue it."
+        )
+    return foreign
+
+
 def cached_model(path: str | Path) -> str | None:
-    """The model a saved document names, as `load` takes it (None: the default model)."""
-    return read_cache_header(path)[1].get("user", {}).get("model") or None
+    """The model a saved document names, as `load` takes it (None: the default model); mlx-lm's
+    files name it too."""
+    arrays, metadata = read_file(path)
+    if file_kind(metadata) == "mlx-lm":
+        return metadata.get("0.model") or None
+    return _checked_header(path, arrays, metadata)[1].get("user", {}).get("model") or None
 
 
 def continue_from_file(
@@ -259,19 +376,31 @@ def continue_from_file(
     *,
     system_prompt: str | None = None,
     chat_template: bool = True,
-) -> tuple[LazyConfig, list[int], LazyCache]:
-    """Continue a document saved by save_document_cache with `text`: the schedule to run (`lazy`,
-    default the file's), the tokens to prefill and the loaded cache.
+    plain: bool = False,
+) -> tuple[LazyConfig | None, list[int], Any]:
+    """Continue a document saved by save_document_cache (or mlx-lm's cache_prompt) with `text`:
+    the schedule to run (`lazy`, default the file's), the tokens to prefill and the loaded cache.
 
     system_prompt: must be the file's when given. chat_template=False continues without the chat
-    template. Mismatched models or schedules and unreadable files raise ValueError /
-    FileNotFoundError with a clear message.
+    template. plain: continue with plain mlx-lm (schedule None), which only an mlx-lm file can.
+    Mismatched models or schedules and unreadable files raise ValueError / FileNotFoundError with
+    a clear message.
     """
-    cache, metadata = load_lazy_cache(path, model, lazy)
-    if str(cache.offset) != metadata.get("prefix_tokens", str(cache.offset)):
-        raise ValueError(f"{path}: corrupt prompt cache (its token count does not match)")
-    template = json.loads(metadata.get("chat_template_args", "null"))
-    stored_system_prompt = json.loads(metadata.get("system_prompt", "null"))
+    foreign = check_plain(path, plain)
+    if plain:
+        from .mlx_lm_prompt_cache import read_mlx_lm_cache
+
+        cache, metadata = read_mlx_lm_cache(path, model)
+    else:
+        cache, metadata = load_lazy_cache(path, model, lazy)
+    if foreign:  # mlx-lm's cache_prompt: the tokenizer's template with no options, no system
+        template = {} if tokenizer.has_chat_template else None
+        stored_system_prompt = None
+    else:
+        if str(cache.offset) != metadata.get("prefix_tokens", str(cache.offset)):
+            raise ValueError(f"{path}: corrupt prompt cache (its token count does not match)")
+        template = json.loads(metadata.get("chat_template_args", "null"))
+        stored_system_prompt = json.loads(metadata.get("system_prompt", "null"))
     if system_prompt is not None and system_prompt != stored_system_prompt:
         raise ValueError(
             f"{path} was built with system prompt {stored_system_prompt!r}; it cannot change."
@@ -279,5 +408,7 @@ def continue_from_file(
     if not chat_template:
         template = None
     tokens = query_tokens(tokenizer, text, stored_system_prompt, template)
+    if plain:
+        return None, tokens, cache
     lazy = lazy if lazy is not None else cache.config  # its options (norevive, min=) may differ
     return lazy, tokens, cache

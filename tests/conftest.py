@@ -1,7 +1,10 @@
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The tests' GGUF files stay out of the user's cache folder (test_gguf_load_cache turns it on).
+os.environ["LAZYLLM_MLX_GGUF_CACHE"] = "0"
 
 import lazyllm_mlx  # noqa: E402  (preloads OpenBLAS before anything imports mlx)
 

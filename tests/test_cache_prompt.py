@@ -107,7 +107,7 @@ def test_mismatches_and_broken_files_are_clear_errors(folder, cached, capsys, tm
     cases = [
         (["--prompt-cache-file", paper, "--schedule", "none"], "built with schedule"),
         (["--prompt-cache-file", paper, "--model", str(other)], "different model"),
-        (["--prompt-cache-file", paper, "--schedule", "off"], "cannot use it"),
+        (["--prompt-cache-file", paper, "--schedule", "off"], "cannot continue it"),
         (["--prompt-cache-file", paper, "--compare"], "cannot use --prompt-cache-file"),
         (["--prompt-cache-file", str(garbage), "--model", str(folder)], "not a readable"),
         (["--prompt-cache-file", str(tmp_path / "missing.safetensors")], "not found"),

@@ -3,12 +3,16 @@ quantization, dtypes, a stored schedule, and safe writes."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import warnings
 
-from lazyllm_mlx import cli, convert, generate_step, load
+from lazyllm_mlx import cli, convert, generate_step, load, quantization_check
 from lazyllm_mlx.config import LazyConfig
+from lazyllm_mlx.convert import QuantizationWarning
 from lazyllm_mlx.generate import resolve_schedule
 from lazyllm_mlx.gguf.loader import load_gguf
+from lazyllm_mlx.quantization_check import THRESHOLD
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +24,9 @@ from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.utils import save_config, save_model
 from tiny_models import COMMON, FAMILY_CONFIGS, random_prompt, tiny_gpt2, tiny_model, tiny_tokenizer
 
+CONVERT_MODULE = importlib.import_module(
+    "lazyllm_mlx.convert"
+)  # the package's `convert` is a function
 PROMPT = random_prompt(40, vocab=40)  # within the tiny GGUF vocabularies
 WIDE = dict(hidden_size=128, intermediate_size=256)  # every quantization group size divides it
 
@@ -207,6 +214,45 @@ def test_bad_arguments(tmp_path, gguf_files):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(q_group_size=7), "--q-group-size 7 / --q-bits 4 .affine.: The requested group"),
+        (dict(q_bits=7), "--q-bits 7 .affine.: The requested number of bits 7 is not supported"),
+        (dict(q_bits=0), "both must be positive"),
+        (dict(q_mode="mxfp4", q_group_size=64), "mxfp4 quantization requires group size 32"),
+        (dict(q_mode="int3"), "--q-mode must be one of"),
+    ],
+)
+def test_quantization_mlx_cannot_do_is_refused_before_loading(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path / "not-loaded.gguf", tmp_path / "out", quantize=True, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_group_size_no_layer_divides_writes_nothing(tmp_path, gguf_files):
+    # The tiny models' rows are 64 and 256 wide: groups of 128 fit only some of them ...
+    convert(gguf_files["llama"], tmp_path / "some", quantize=True, q_group_size=128)
+    assert any(k.endswith(".scales") for k in mx.load(str(tmp_path / "some/model.safetensors")))
+    # ... and a model whose rows no group size divides is refused rather than left unquantized.
+    odd = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2)
+    folder = tmp_path / "odd"
+    save_model(folder, tiny_model("llama", **odd))
+    save_config({**COMMON, **FAMILY_CONFIGS["llama"], **odd}, folder / "config.json")
+    tiny_tokenizer()._tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match="No layer could be quantized with groups of 32"):
+        convert(folder, tmp_path / "out", quantize=True, q_group_size=32, q_bits=8)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_unwritable_target_is_named_not_its_temporary_folder(tmp_path, gguf_files):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"cannot write {blocker / 'out'}") as error:
+        convert(gguf_files["llama"], blocker / "out")
+    assert ".partial" not in str(error.value)
+
+
 def test_progress_bar_only_when_asked(tmp_path, gguf_files, capsys):
     convert(gguf_files["llama"], tmp_path / "a", progress=False)
     assert capsys.readouterr().err == ""
@@ -267,7 +313,9 @@ def test_the_default_model_converts_with_its_tokenizer(tmp_path):
 
     from mlx_lm.utils import load_tokenizer
 
-    out = convert(None, tmp_path / "smollm2", quantize=True, schedule="default")
+    out = convert(
+        None, tmp_path / "smollm2", quantize=True, schedule="default", quality_check=False
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert config["quantization"]["bits"] == 4
@@ -283,3 +331,60 @@ def test_the_default_model_converts_with_its_tokenizer(tmp_path):
     )
     assert saved.eos_token_ids == source.eos_token_ids
     assert saved.bos_token == source.bos_token
+
+
+def test_the_quality_check_simulates_mlx_lm_s_quantization_exactly(gguf_files):
+    from mlx_lm.utils import quantize_model
+
+    model, tokenizer = load_gguf(gguf_files["llama"], mx.float32)
+    tokens = tokenizer.encode(quantization_check.TEXT)[:64]
+    before = dict(tree_flatten(model.parameters()))
+    layers = quantization_check.plan(model, 32, 4, "affine", None)
+    simulated = quantization_check.simulated_perplexity(model, tokens, layers, before)
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)  # the model is left as it was
+    quantized, _ = quantize_model(model, {}, 32, 4)
+    assert simulated == pytest.approx(quantization_check.perplexity(quantized, tokens), rel=1e-3)
+
+
+def test_the_quality_check_flags_the_default_model_at_4_bits_in_groups_of_64(smollm2):
+    """The issue's case: SmolLM2 re-quantized at 4 bits, groups of 64, names no capital."""
+    model, tokenizer, _ = smollm2
+    check = quantization_check.check_quantization(model, tokenizer, 64, 4)
+    assert check.degraded and check.suggestion is not None
+    assert check.tried[next(reversed(check.tried))] / check.source - 1 <= THRESHOLD
+    assert "raises the perplexity by" in check.warning() and check.suggestion in check.warning()
+
+
+def fake_check(increase: float):
+    def check(model, tokenizer, group, bits, mode, predicate):
+        calls.append((group, bits, mode))
+        return quantization_check.Check(10.0, 10.0 * (1 + increase), "4 bits, groups of 64",
+                                        suggestion="--q-bits 8 --q-group-size 64 (x)")  # fmt: skip
+
+    calls = []
+    return check, calls
+
+
+def test_convert_warns_when_quantization_hurts_and_says_what_would_not(
+    tmp_path, gguf_files, monkeypatch, capsys
+):
+    check, calls = fake_check(0.5)
+    monkeypatch.setattr(CONVERT_MODULE, "check_quantization", check)
+    reports = []
+    with pytest.warns(QuantizationWarning, match="raises the perplexity by 50%.*--q-bits 8"):
+        convert(gguf_files["llama"], tmp_path / "a", quantize=True, report=reports.append)
+    assert calls == [(64, 4, "affine")] and "source 10.00, converted 15.00" in reports[0]
+    argv = ["convert", "--hf-path", str(gguf_files["llama"]), "-q", "--q-group-size", "32"]
+    assert cli.main([*argv, "--mlx-path", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "lazyllm-mlx convert: perplexity on the built-in text" in err
+    assert "lazyllm-mlx convert: warning: quantization with" in err and calls[-1][0] == 32
+    assert cli.main([*argv, "--mlx-path", str(tmp_path / "c"), "--no-quality-check"]) == 0
+    assert len(calls) == 2 and "warning" not in capsys.readouterr().err
+    fine, calls = fake_check(0.02)
+    monkeypatch.setattr(CONVERT_MODULE, "check_quantization", fine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizationWarning)
+        convert(gguf_files["llama"], tmp_path / "d", quantize=True)

@@ -252,7 +252,10 @@ def test_eval_command_smoke(tmp_path, capsys, monkeypatch, tokenizer):
     baseline, none, paper = report["results"][:3]
     assert none["scores"] == baseline["scores"] and none["kl"] == pytest.approx(0, abs=1e-4)
     assert paper["prefill_fraction"] < 0.8
-    assert "random[paper]" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "random[paper]" in printed
+    assert "±" not in printed.split("-token prompts")[1]  # one prompt: no error estimate ...
+    assert "no error estimate" in printed and "(no se)" in printed  # ... and it says so
     if plot is not None:
         assert plot.stat().st_size > 0
 

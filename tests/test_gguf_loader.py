@@ -108,7 +108,7 @@ def test_gemma_sliding_window_flags_per_layer(tmp_path, pattern):
 
 def test_dtype(tmp_path):
     tiny = _tiny(tmp_path, types=MIXED)
-    model, _ = load_gguf(tiny.path, dtype=mx.float16)
+    model, _ = load_gguf(tiny.path, dtype=mx.float16, quantized=False)
     assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.float16}
     _assert_same_logits(model, tiny.reference_model(), atol=0.05)
 

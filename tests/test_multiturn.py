@@ -88,7 +88,7 @@ def test_mismatched_or_broken_cache_files_are_refused(model, tmp_path):
         load_lazy_cache(tmp_path / "missing.safetensors", model)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="not a readable lazyllm-mlx prompt cache"):
+    with pytest.raises(ValueError, match="not a readable prompt cache"):
         load_lazy_cache(garbage, model)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

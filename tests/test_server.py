@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -13,6 +15,7 @@ from lazyllm_mlx.server import GenerationService, make_server
 from lazyllm_mlx.server.service import StopText
 
 import pytest
+from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -279,3 +282,193 @@ def test_stop_text_holds_back_what_may_start_a_stop_string(pieces, stops, sent, 
     stop = StopText(stops)
     out = "".join(stop.add(p) for p in pieces) + stop.flush()
     assert (out, stop.stopped) == (sent, stopped)
+
+
+def raw_request(server, data: bytes, half_close: bool = False) -> tuple[int, dict]:
+    """Send raw bytes (a request line, headers, a body) and parse the JSON answer."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read() or b"{}")
+
+
+def test_invalid_unicode_and_deep_nesting_are_bad_requests(server):
+    status, error = post(server, "/v1/chat/completions", b'{"messages": [{"role": "user", '
+                         b'"content": "a \\ud800 b"}]}')  # fmt: skip
+    assert status == 400 and "lone surrogate \\ud800" in error["error"]["message"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, error = post(server, "/v1/chat/completions", b'{"messages": ' + deep + b"}")
+    assert status == 400 and "nested too deeply" in error["error"]["message"]
+    status, error = post(server, "/v1/completions", b'{"prompt": "t5", "temperature": NaN}')
+    assert status == 400 and "temperature" in error["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("length", "message"),
+    [("-5", "Invalid Content-Length header '-5'"), ("abc", "Invalid Content-Length header")],
+)
+def test_a_bad_content_length_says_so(server, length, message):
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    status, error = raw_request(server, head.encode())
+    assert status == 400 and message in error["error"]["message"]
+
+
+def test_a_short_body_and_http_level_errors_are_json(server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{}"
+    status, error = raw_request(server, head, half_close=True)
+    assert status == 400 and "ended after 2 of 50 bytes" in error["error"]["message"]
+    status, error = raw_request(server, b"GARBAGE\r\n\r\n")
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    status, error = raw_request(server, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 405 and "PUT is not allowed" in error["error"]["message"]
+
+
+def test_cors_preflight_and_headers(server):
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    headers = {"Origin": "http://example.org", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "content-type, authorization"}  # fmt: skip
+    connection.request("OPTIONS", "/v1/chat/completions", headers=headers)
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 204
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert "POST" in response.getheader("Access-Control-Allow-Methods")
+    assert response.getheader("Access-Control-Allow-Headers") == "content-type, authorization"
+    connection.close()
+    request = urllib.request.Request(server.url + "/health", headers={"Origin": "http://a.b"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    server.allowed_origins = ["http://mine.local"]
+    try:
+        for origin, allowed in (("http://mine.local", "http://mine.local"), ("http://x.y", None)):
+            request = urllib.request.Request(server.url + "/health", headers={"Origin": origin})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.headers["Access-Control-Allow-Origin"] == allowed
+    finally:
+        server.allowed_origins = ["*"]
+
+
+def test_a_dropped_plain_request_stops_its_generation(server):
+    host, port = server.server_address[:2]
+    body = json.dumps(chat(max_tokens=3000, lazy="none")).encode()
+    with socket.create_connection((host, port), timeout=30) as sock:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        sock.sendall(head.encode() + b"Content-Type: application/json\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while not server.service.lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until its generation holds the model
+    started = time.monotonic()
+    status, _ = post(server, "/v1/chat/completions", chat(max_tokens=1, lazy="none"))
+    assert status == 200 and time.monotonic() - started < 20
+    held = server.service.caches.held_tokens()["none"]
+    assert held < 303 + 200  # the prompt and a few tokens, not 3000 of them
+
+
+def test_sampling_fields_are_honoured(server):
+    model, tokenizer = server.service.model, server.service.tokenizer
+    prompt = "t5 t6 t7 t8 t9 t5 t6"
+    greedy = generate(model, tokenizer, prompt, max_tokens=6, lazy="none")
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):  # each leaves only the most likely token
+        body = {"prompt": prompt, "max_tokens": 6, "lazy": "none", "temperature": 5.0, **extra}
+        assert post(server, "/v1/completions", body)[1]["choices"][0]["text"] == greedy
+    processors = make_logits_processors(repetition_penalty=3.0, repetition_context_size=20)
+    penalised = generate(model, tokenizer, prompt, max_tokens=6, lazy="none",
+                         logits_processors=processors)  # fmt: skip
+    body = {"prompt": prompt, "max_tokens": 6, "lazy": "none", "repetition_penalty": 3.0}
+    assert post(server, "/v1/completions", body)[1]["choices"][0]["text"] == penalised
+
+
+def test_logprobs_in_openai_shapes(server):
+    _, body = post(server, "/v1/chat/completions", chat(logprobs=True, top_logprobs=3))
+    content = body["choices"][0]["logprobs"]["content"]
+    text = body["choices"][0]["message"]["content"]
+    assert "".join(e["token"] for e in content) == text
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        values = [t["logprob"] for t in entry["top_logprobs"]]
+        assert values == sorted(values, reverse=True)
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["logprob"] == pytest.approx(values[0])
+        assert entry["bytes"] == list(entry["token"].encode())
+    server.service.caches.clear()
+    events = stream(server, "/v1/chat/completions", chat(logprobs=True, top_logprobs=3,
+                                                         stream=True))  # fmt: skip
+    streamed = [e for ev in events for e in ev["choices"][0].get("logprobs", {})["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    _, plain = post(server, "/v1/chat/completions", chat())
+    assert "logprobs" not in plain["choices"][0]
+    _, legacy = post(server, "/v1/completions", {"prompt": "t5 t6 t7", "logprobs": 2})
+    logprobs = legacy["choices"][0]["logprobs"]
+    assert "".join(logprobs["tokens"]) == legacy["choices"][0]["text"]
+    assert (
+        len(logprobs["token_logprobs"]) == len(logprobs["tokens"]) == len(logprobs["text_offset"])
+    )
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+
+
+BAD_FIELDS = [
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"min_p": 2}, "min_p"),
+    ({"repetition_penalty": -1}, "repetition_penalty"),
+    ({"repetition_context_size": 0}, "repetition_context_size"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"logprobs": 3}, "logprobs"),  # an integer is the completions API's form
+    ({"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**70}, "seed"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD_FIELDS)
+def test_bad_sampling_fields_are_refused(server, fields, param):
+    status, error = post(server, "/v1/chat/completions", chat(**fields))
+    assert status == 400 and param in error["error"]["message"]
+
+
+def test_prompt_caches_are_bounded_by_bytes(server):
+    caches = server.service.caches
+    sizes = []
+    for lazy in ("none", None):
+        caches.clear()
+        post(server, "/v1/chat/completions", chat(lazy=lazy, max_tokens=2))
+        sizes.append(caches.nbytes)
+    caches.clear()
+    caches.max_bytes = int(max(sizes) * 1.3)  # room for either cache, not for both
+    assert sum(sizes) > caches.max_bytes
+    try:
+        post(server, "/v1/chat/completions", chat(lazy="none", max_tokens=2))
+        post(server, "/v1/chat/completions", chat(lazy=None, max_tokens=2))
+        assert caches.nbytes <= caches.max_bytes and list(caches.held_tokens()) == ["off"]
+    finally:
+        caches.max_bytes = None
+
+
+def test_serve_cli_refuses_a_busy_port_in_one_line(capsys, monkeypatch):
+    from lazyllm_mlx.cli import main
+
+    monkeypatch.setattr("lazyllm_mlx.cli.serve.load", lambda *a: pytest.fail("loaded a model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+def test_serve_help_shows_the_defaults(capsys):
+    from lazyllm_mlx.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("8080", "127.0.0.1", "512", "2048"):
+        assert f"(default: {flag})" in out

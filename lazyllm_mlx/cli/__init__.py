@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:  # only the chosen command's module is imported
             module = importlib.import_module(module_name)
             module.add_arguments(command_parser)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top-level one
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return module.run(args) or 0
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"lazyllm-mlx {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

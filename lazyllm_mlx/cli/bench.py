@@ -17,6 +17,8 @@ from .common import (
     add_prefill_step_size_argument,
     int_list,
     model_label,
+    output_file,
+    output_folder,
     stderr_log,
 )
 
@@ -41,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="Measured runs per cell (+1 warm-up)")
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per run")
     add_prefill_step_size_argument(parser)
-    parser.add_argument("--json", help="Write the results to this JSON file")
-    parser.add_argument("--plot-dir", help="Write speedup.png and tokens_per_layer.png here")
+    parser.add_argument("--json", type=output_file, help="Write the results to this JSON file")
+    parser.add_argument(
+        "--plot-dir", type=output_folder, help="Write speedup.png and tokens_per_layer.png here"
+    )
     parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
 
 

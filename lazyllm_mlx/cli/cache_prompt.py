@@ -22,6 +22,7 @@ from .common import (
     add_prefill_step_size_argument,
     add_schedule_argument,
     chat_template_config,
+    output_file,
     progress_bar,
     read_prompt,
 )
@@ -33,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", "-p", help="The document to cache ('-' reads stdin)")
     source.add_argument("--prompt-file", help="Read the document from this file")
     parser.add_argument(
-        "--prompt-cache-file", required=True, help="Where to save the cache (.safetensors)"
+        "--prompt-cache-file",
+        type=output_file,
+        required=True,
+        help="Where to save the cache (.safetensors)",
     )
     add_schedule_argument(
         parser,

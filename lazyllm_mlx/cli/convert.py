@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 from ..config import LazyConfig
-from ..convert import DTYPES, convert
-from .common import MODEL_HELP, add_model_argument
+from ..convert import DTYPES, QuantizationWarning, convert
+from ..quantization_check import THRESHOLD
+from .common import MODEL_HELP, add_model_argument, output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mlx_lm.convert import QUANT_RECIPES
 
     add_model_argument(parser, "--hf-path", "--model", help=f"Source: {MODEL_HELP}")
-    parser.add_argument("--mlx-path", default="mlx_model", help="Folder to write the model to")
+    parser.add_argument(
+        "--mlx-path", type=output_folder, default="mlx_model", help="Folder to write the model to"
+    )
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights")
     parser.add_argument("--q-group-size", type=int, default=None, help="Quantization group size")
     parser.add_argument("--q-bits", type=int, default=None, help="Bits per quantized weight")
@@ -39,30 +46,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace --mlx-path if it already exists"
     )
+    parser.add_argument(
+        "--no-quality-check",
+        action="store_true",
+        help="With -q, skip measuring the quantized model's perplexity against the source's on a "
+        f"built-in text (it warns beyond +{THRESHOLD:.0%} and suggests a setting that does not; "
+        "it holds the source's weights in memory at once)",
+    )
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     schedule = LazyConfig.parse(args.schedule) if args.schedule is not None else None
+
+    def say(message: str) -> None:
+        print(f"lazyllm-mlx convert: {message}", file=sys.stderr, flush=True)
+
     try:
-        path = convert(
-            args.hf_path,
-            args.mlx_path,
-            quantize=args.quantize,
-            q_group_size=args.q_group_size,
-            q_bits=args.q_bits,
-            q_mode=args.q_mode,
-            quant_predicate=args.quant_predicate,
-            dtype=args.dtype,
-            schedule=schedule,
-            overwrite=args.overwrite,
-            revision=args.revision,
-            trust_remote_code=args.trust_remote_code,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", QuantizationWarning)
+            path = _convert(args, schedule, say)
     except FileExistsError as error:
         raise ValueError(str(error)) from None  # the CLI reports ValueErrors as one-line errors
+    for warning in caught:
+        if issubclass(warning.category, QuantizationWarning):
+            say(f"warning: {warning.message}")
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
     stored = f", schedule {schedule.to_string()}" if schedule is not None else ""
     print(f"Saved {path} ({size / 1e6:.1f} MB of weights{stored})")
     return 0
+
+
+def _convert(
+    args: argparse.Namespace, schedule: LazyConfig | None, say: Callable[[str], None]
+) -> Path:
+    return convert(
+        args.hf_path,
+        args.mlx_path,
+        quantize=args.quantize,
+        q_group_size=args.q_group_size,
+        q_bits=args.q_bits,
+        q_mode=args.q_mode,
+        quant_predicate=args.quant_predicate,
+        dtype=args.dtype,
+        schedule=schedule,
+        overwrite=args.overwrite,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        quality_check=not args.no_quality_check,
+        report=say,
+    )

@@ -21,7 +21,7 @@ from ..evals.baselines import BaselineStore
 from ..evals.run import best_schedule, evaluate
 from ..evals.tasks import TASKS
 from ..loading import load
-from .common import add_model_argument, int_list, model_label, stderr_log
+from .common import add_model_argument, int_list, model_label, output_file, stderr_log
 
 # Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
 # the `default` layout (a first half unpruned) at a milder and its own keep.
@@ -86,8 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Reuse the baseline's outcomes stored in DIR and store new ones there: a new "
         "schedule then costs only its own runs (TTFT × is then against the stored runs)",
     )
-    parser.add_argument("--json", metavar="PATH", help="Write the report as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="Draw accuracy vs TTFT speed-up (PNG)")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="Write the report as JSON")
+    parser.add_argument(
+        "--plot", type=output_file, metavar="PATH", help="Draw accuracy vs TTFT speed-up (PNG)"
+    )
     parser.add_argument("--quiet", action="store_true", help="No per-run progress on stderr")
 
 
@@ -95,9 +97,21 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _delta(row: dict[str, Any], estimated: bool) -> str:
+    """The accuracy difference and its standard error; one prompt per task gives no estimate."""
+    error = f"±{row['accuracy_delta_se']:.1f}" if estimated else "(no se)"
+    return f"{row['accuracy_delta']:+.1f} {error}"
+
+
 def print_table(report: dict[str, Any]) -> None:
     tasks = report["tasks"]
+    estimated = report["num"] > 1
     print(f"model: {report['model']}, {report['num']} prompts per task, seed {report['seed']}")
+    if not estimated:
+        print(
+            "one prompt per task: the differences from the baseline have no error estimate "
+            "(run --num 2 or more for one)"
+        )
     print(
         "accuracy in points (passkey/kv: number match, mdqa: module named, code: edit similarity);"
         " KL(baseline ‖ method) of the first token in nats; cont.: greedy continuation matching"
@@ -105,7 +119,8 @@ def print_table(report: dict[str, Any]) -> None:
         " Δ: mean minus the baseline's ± its standard error over the same prompts"
     )
     head = f"{'method':<28}{'prefill':>8}" + "".join(f"{t:>8}" for t in tasks)
-    head += f"{'mean':>7}{'Δ ±se':>13}{'1st tok':>8}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}"
+    delta = "Δ ±se" if estimated else "Δ"
+    head += f"{'mean':>7}{delta:>13}{'1st tok':>8}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}"
     head += f"{'× none':>8}"
     for length in report["lengths"]:
         print(f"\n{length}-token prompts")
@@ -119,7 +134,7 @@ def print_table(report: dict[str, Any]) -> None:
         for r in (r for r in report["results"] if r["length"] == length):
             line = f"{r['method'][:27]:<28}{r['prefill_fraction']:>8.3f}"
             line += "".join(f"{r['scores'][t]:>8.1f}" for t in tasks)
-            delta = f"{r['accuracy_delta']:+.1f} ±{r['accuracy_delta_se']:.1f}"
+            delta = _delta(r, estimated)
             line += f"{r['accuracy']:>7.1f}{delta:>13}{r['first_token']:>8.0%}{r['kl']:>8.3f}"
             line += f"{r['continuation']:>7.0%}{r['ttft_speedup']:>8.2f}"
             line += f"{_cell(r['ttft_speedup_vs_none'], '{:.2f}'):>8}"
@@ -182,10 +197,11 @@ def run(args: argparse.Namespace) -> int:
         if best is None:
             print(f"\nNo schedule kept the accuracy within {args.search} points of the baseline.")
         else:
+            error = f"±{best['se']:.1f} standard error" if args.num > 1 else "no error estimate"
             print(
                 f"\nFastest within {args.search} points of the baseline "
                 f"({best['baseline']:.1f}): ×{best['speedup']:.2f} at {best['accuracy']:.1f} "
-                f"points (difference ±{best['se']:.1f} standard error)\n"
+                f"points (difference {error})\n"
                 f"--schedule '{best['schedule']}'"
             )
     if args.json:

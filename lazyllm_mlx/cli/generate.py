@@ -1,4 +1,8 @@
-"""`lazyllm-mlx generate`: mlx-lm's generate flags, plus --schedule, --compare, --json."""
+"""`lazyllm-mlx generate`: mlx-lm's generate flags, plus --schedule, --compare, --json.
+
+mlx-lm's flags that need its own KV cache (--max-kv-size, --kv-bits) work with --schedule off
+(plain mlx-lm) and are refused with the reason otherwise; --draft-model is refused (see
+`check_mlx_lm_options`)."""
 
 from __future__ import annotations
 
@@ -7,21 +11,26 @@ import json
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
+from ..config import LazyConfig
 from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
 from ..loading import load
-from ..prompt_cache import cached_model, continue_from_file
+from ..prompt_cache import cached_model, check_plain, continue_from_file
 from .common import (
     add_chat_template_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
+    add_sampling_arguments,
     add_schedule_argument,
     chat_template_config,
     model_label,
+    non_negative_int,
+    positive_int,
     progress_bar,
     read_prompt,
 )
@@ -40,10 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-file", help="Read the message from this file (long prompts)")
     parser.add_argument("--max-tokens", "-m", type=int, default=100)
-    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
-    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
-    parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k")
+    add_sampling_arguments(parser)
     parser.add_argument("--min-tokens-to-keep", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     add_chat_template_arguments(parser)
@@ -66,6 +72,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Continue a cache saved by `lazyllm-mlx cache-prompt`: the prompt goes on from the "
         "cached document (model and schedule default to the file's)",
     )
+    add_mlx_lm_arguments(parser)
+
+
+def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The rest of mlx_lm.generate's flags: each works, or is refused with the reason."""
+    parser.add_argument("--adapter-path", help="Trained adapter weights and config (LoRA)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Let the tokenizer run code from the model's repository (never implied)",
+    )
+    parser.add_argument(
+        "--extra-eos-token",
+        nargs="+",
+        default=(),
+        help="More tokens (text or ids) that end the generation",
+    )
+    baseline = " (plain mlx-lm only: --schedule off)"
+    parser.add_argument(
+        "--max-kv-size", type=positive_int, default=None, help="KV cache size cap" + baseline
+    )
+    parser.add_argument(
+        "--kv-bits", type=positive_int, default=None, help="Quantize the KV cache" + baseline
+    )
+    parser.add_argument("--kv-group-size", type=positive_int, default=64, help="With --kv-bits")
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=non_negative_int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        help="With --kv-bits: quantize from this step on",
+    )
+    parser.add_argument("--draft-model", default=None, help="Not supported (speculative decoding)")
+    parser.add_argument("--num-draft-tokens", type=positive_int, default=3, help=argparse.SUPPRESS)
+
+
+def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """mlx-lm's KV cache options for the baseline's generate_step; ValueError, with the reason,
+    where they cannot apply. Checked before any model is loaded."""
+    if args.draft_model is not None:
+        raise ValueError(
+            "--draft-model is not supported: speculative decoding verifies several drafted "
+            "tokens in one forward pass, while the lazy engine decodes one token at a time with "
+            "revival; for plain mlx-lm, run mlx_lm.generate --draft-model."
+        )
+    options = {}
+    if args.max_kv_size is not None:
+        options["max_kv_size"] = args.max_kv_size
+    if args.kv_bits is not None:
+        options.update(
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            quantized_kv_start=args.quantized_kv_start,
+        )
+    if not options:
+        return options
+    flags = " and ".join(f"--{k.replace('_', '-')}" for k in ("max_kv_size", "kv_bits")
+                         if k in options)  # fmt: skip
+    why = (
+        "the lazy engine keeps the KV of every token it computed in the model's dtype (a "
+        "pruned token may be revived at any later step), so it can neither drop the oldest "
+        "tokens nor quantize them"
+    )
+    if args.compare:
+        raise ValueError(f"{flags} cannot be used with --compare: {why}.")
+    if args.prompt_cache_file:
+        raise ValueError(f"{flags} cannot be used with --prompt-cache-file: {why}.")
+    if args.schedule != "off":
+        raise ValueError(f"{flags} need --schedule off (plain mlx-lm): {why}.")
+    return options
 
 
 def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
@@ -84,7 +159,7 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
 
 
 def run_once(
-    model, tokenizer, tokens, lazy, args, label: str, echo: bool, prompt_cache=None
+    model, tokenizer, tokens, lazy, args, label: str, echo: bool, prompt_cache=None, **options
 ) -> dict[str, Any]:
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -102,6 +177,7 @@ def run_once(
         prefill_step_size=args.prefill_step_size,
         prompt_progress_callback=progress_bar(label),
         prompt_cache=prompt_cache,
+        **options,
     )
     if echo:
         print()
@@ -129,7 +205,18 @@ def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
     return dict(identical=a == b, common_prefix=prefix, prefix_fraction=prefix_fraction(a, b))
 
 
-def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
+def unpruned_reason(lazy: LazyConfig, prompt_tokens: int) -> str:
+    """Why a lazy run computed every token-layer."""
+    if prompt_tokens < lazy.min_prompt_tokens:
+        return (
+            f"the prompt's {prompt_tokens} tokens are fewer than the schedule's "
+            f"min={lazy.min_prompt_tokens} (shorter prompts gain nothing from pruning)"
+        )
+    return "the schedule kept every token of this prompt"
+
+
+def print_comparison(base: dict, lazy: dict, agree: dict, unpruned: str | None = None) -> None:
+    """unpruned: why nothing was pruned, when nothing was: then no speed-up is claimed."""
     rows = [
         ("TTFT (s)", "ttft", "{:.3f}"),
         ("prompt tokens/s", "prompt_tps", "{:.1f}"),
@@ -142,9 +229,17 @@ def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
     for title, key, fmt in rows:
         cells = [fmt.format(r[key]) if r[key] is not None else "1.000*" for r in (base, lazy)]
         print(f"{title:<22}{cells[0]:>14}{cells[1]:>14}")
-    speedup = f"×{base['ttft'] / lazy['ttft']:.2f}"
-    print(f"{'TTFT speed-up':<22}{'':>14}{speedup:>14}")
+    if unpruned is None:
+        speedup = f"×{base['ttft'] / lazy['ttft']:.2f}"
+        print(f"{'TTFT speed-up':<22}{'':>14}{speedup:>14}")
+    else:
+        print(f"{'TTFT speed-up':<22}{'':>14}{'none':>14}")
     print(f"schedule: {lazy['schedule']}   (* baseline computes every token at every layer)")
+    if unpruned is not None:
+        print(
+            f"nothing was pruned: {unpruned}; both runs did the same work, so their TTFT "
+            "difference is noise or the engine's, not LazyLLM's"
+        )
     if agree["identical"]:
         print(f"agreement: identical generations ({len(base['tokens'])} tokens)")
     else:
@@ -156,34 +251,56 @@ def print_comparison(base: dict, lazy: dict, agree: dict) -> None:
         print(f"--- {name} ---\n{run['text']}")
 
 
+def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer with mlx-lm's loading flags: an adapter, trusted remote code
+    (only when asked), extra end-of-generation tokens."""
+    trust = bool(args.trust_remote_code)
+    if args.adapter_path is None and not trust:
+        model, tokenizer = load(model)
+    else:
+        model, tokenizer = load(
+            model,
+            adapter_path=args.adapter_path,
+            trust_remote_code=trust,
+            tokenizer_config={"trust_remote_code": True} if trust else None,
+        )
+    for token in args.extra_eos_token:
+        try:
+            tokenizer.add_eos_token(token)
+        except ValueError as error:
+            raise ValueError(f"--extra-eos-token: {error}") from None
+    return model, tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
+    options = check_mlx_lm_options(args)
     cache = None
     if args.prompt_cache_file:
         if args.compare:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
-        if args.schedule == "off":
-            raise ValueError(
-                "A prompt cache file holds LazyLLM state: --schedule 'off' cannot use it."
-            )
-        model, tokenizer = load(args.model or cached_model(args.prompt_cache_file))
+        plain = args.schedule == "off"
+        check_plain(args.prompt_cache_file, plain)  # before a model is loaded for nothing
+        model, tokenizer = load_model(args, args.model or cached_model(args.prompt_cache_file))
         lazy, tokens, cache = continue_from_file(
             args.prompt_cache_file,
             model,
             tokenizer,
             text,
-            None if args.schedule is None else resolve_schedule(model, args.schedule),
+            None if args.schedule is None or plain else resolve_schedule(model, args.schedule),
             system_prompt=args.system_prompt,
             chat_template=not args.ignore_chat_template,
+            plain=plain,
         )
     else:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_model(args, args.model)
         lazy = resolve_schedule(model, args.schedule)
         tokens = prompt_tokens(tokenizer, text, args)
     echo = args.verbose and not args.json and not args.compare
     report: dict[str, Any] = dict(model=model_label(args.model))
     report["prompt_tokens"] = len(tokens)
-    report["cached_tokens"] = cache.offset if cache is not None else 0
+    held = cache[0] if isinstance(cache, list) else cache  # mlx-lm's caches: one per layer
+    report["cached_tokens"] = held.offset if held is not None else 0
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
@@ -193,15 +310,19 @@ def run(args: argparse.Namespace) -> int:
             "lazy": run_once(model, tokenizer, tokens, lazy, args, "lazy", echo),
         }
         report["agreement"] = agreement(runs["baseline"]["tokens"], runs["lazy"]["tokens"])
+        report["pruned"] = runs["lazy"]["prefill_fraction"] < 1.0
     else:
         label = "lazy" if lazy is not None else "baseline"
-        runs = {label: run_once(model, tokenizer, tokens, lazy, args, label, echo, cache)}
+        runs = {
+            label: run_once(model, tokenizer, tokens, lazy, args, label, echo, cache, **options)
+        }
     report["runs"] = runs
     if args.json:
         print(json.dumps(report))
     elif args.compare:
         print(f"model: {report['model']}, prompt: {len(tokens)} tokens")
-        print_comparison(runs["baseline"], runs["lazy"], report["agreement"])
+        unpruned = None if report["pruned"] else unpruned_reason(lazy, len(tokens))
+        print_comparison(runs["baseline"], runs["lazy"], report["agreement"], unpruned)
     elif args.verbose:
         (result,) = runs.values()
         print("=" * 10)

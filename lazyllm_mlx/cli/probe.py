@@ -9,7 +9,14 @@ import json
 from ..config import LazyConfig
 from ..evals.probe import PROBE_TASKS, probe, suggest
 from ..loading import load
-from .common import add_model_argument, fraction_list, int_list, model_label, stderr_log
+from .common import (
+    add_model_argument,
+    fraction_list,
+    int_list,
+    model_label,
+    output_file,
+    stderr_log,
+)
 
 DEFAULT_RULE = "w=64;pool=13;heads=max;sink=4"
 
@@ -35,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.95,
         help="Recall of the answer tokens the suggested cut must reach (default: 0.95)",
     )
-    parser.add_argument("--json", metavar="PATH", help="Write the report as JSON")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="Write the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="No per-prompt progress on stderr")
 
 

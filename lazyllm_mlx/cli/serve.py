@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
 
 from ..default_model import DEFAULT_MODEL_NAME
@@ -11,41 +11,108 @@ from ..families import family_of
 from ..generate import resolve_schedule
 from ..loading import load
 from ..server import GenerationService, make_server
-from .common import add_model_argument, add_prefill_step_size_argument, add_schedule_argument
+from .common import (
+    DefaultsHelpFormatter,
+    add_model_argument,
+    add_prefill_step_size_argument,
+    add_schedule_argument,
+    byte_size,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    port_number,
+    positive_int,
+    unit_float,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter  # --help shows the defaults, as mlx-lm's does
     add_model_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on")
-    parser.add_argument("--port", type=int, default=8080, help="Port to listen on")
+    parser.add_argument("--port", type=port_number, default=8080, help="Port to listen on")
+    parser.add_argument(
+        "--allowed-origins",
+        type=lambda text: [o.strip() for o in text.split(",") if o.strip()],
+        default=["*"],
+        help="Origins a browser page may call the server from, comma-separated ('*': any)",
+    )
     add_schedule_argument(
         parser,
         "Default LazyLLM schedule (a preset, a schedule string, or 'off' for plain mlx-lm); "
         'a request may choose its own with the extra field "lazy".',
     )
-    parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens")
-    parser.add_argument("--temp", type=float, default=0.0, help="Default temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Default top_p")
-    add_prefill_step_size_argument(parser)
     parser.add_argument(
-        "--chat-template-args", default=None, help="JSON dict of apply_chat_template arguments"
+        "--max-tokens",
+        type=positive_int,
+        default=512,
+        help="max_tokens of a request that gives none",
     )
     parser.add_argument(
+        "--temp",
+        type=non_negative_float,
+        default=0.0,
+        help="temperature of a request that gives none",
+    )
+    parser.add_argument(
+        "--top-p", type=unit_float, default=1.0, help="top_p of a request that gives none"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        help="top_k of a request that gives none (0: off)",
+    )
+    parser.add_argument(
+        "--min-p", type=unit_float, default=0.0, help="min_p of a request that gives none (0: off)"
+    )
+    add_prefill_step_size_argument(parser)
+    parser.add_argument(
+        "--chat-template-args",
+        type=json_object,
+        default=None,
+        help="JSON dict of apply_chat_template arguments",
+    )
+    parser.add_argument(
+        "--prompt-cache-size",
         "--cache-slots",
-        type=int,
+        dest="cache_slots",
+        type=non_negative_int,
         default=4,
         help="Prompt caches kept between requests, one per schedule in use (least recent dropped)",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=byte_size,
+        default=None,
+        help="Most bytes the kept prompt caches may hold, e.g. 2GB or 500MB (least recent "
+        "dropped; default: no limit beyond --prompt-cache-size)",
     )
     parser.add_argument("--quiet", action="store_true", help="Do not log each request")
 
 
 def run(args: argparse.Namespace) -> int:
-    template_args = json.loads(args.chat_template_args) if args.chat_template_args else {}
+    try:  # the port first: a busy one is found before a model is loaded
+        server = make_server(None, args.host, args.port, args.quiet, args.allowed_origins)
+    except OSError as error:
+        hint = " (is another server running there? choose another --port)"
+        busy = error.errno == errno.EADDRINUSE
+        raise ValueError(
+            f"cannot listen on {args.host}:{args.port}: {error.strerror or error}"
+            + (hint if busy else "")
+        ) from None
+    try:
+        return _serve(server, args)
+    finally:
+        server.server_close()
+
+
+def _serve(server, args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model)
     lazy = resolve_schedule(model, args.schedule)
     if lazy is not None:
         lazy.resolve(family_of(model).num_layers)  # refuse a schedule that cannot serve at all
-    service = GenerationService(
+    server.service = GenerationService(
         model,
         tokenizer,
         lazy=lazy,
@@ -53,14 +120,16 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temp,
         top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
         prefill_step_size=args.prefill_step_size,
-        chat_template_args=template_args,
+        chat_template_args=args.chat_template_args or {},
         cache_slots=args.cache_slots,
+        cache_bytes=args.prompt_cache_bytes,
     )
-    server = make_server(service, args.host, args.port, quiet=args.quiet)
     schedule = "off (plain mlx-lm)" if lazy is None else lazy.name or lazy.to_string()
     print(
-        f"lazyllm-mlx serve: {service.model_id} on {server.url} (schedule: {schedule}); "
+        f"lazyllm-mlx serve: {server.service.model_id} on {server.url} (schedule: {schedule}); "
         "one generation at a time, Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
@@ -69,6 +138,4 @@ def run(args: argparse.Namespace) -> int:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0

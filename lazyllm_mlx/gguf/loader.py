@@ -2,7 +2,9 @@
 
 Tensors are read by `.reader` and dequantized with gguf-py's `gguf.quants`. llama.cpp stores
 llama q/k weights permuted for its interleaved RoPE and Gemma norms as w+1: both are undone, so
-mlx-lm's own classes run unchanged.
+mlx-lm's own classes run unchanged. In float32 (the CPU path) every tensor is dequantized; in
+float16 or bfloat16 (the GPU path) quantized tensors stay quantized, as MLX affine weights
+(`.quantized`), and the config records them under "quantization" as mlx-lm's does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from gguf import GGMLQuantizationType
 
 from .._mlx_lm_private import model_from_config
 from .._platform import default_dtype
+from . import load_cache
+from .quantized import GROUP_SIZE, mlx_bits, quantize_tensor
 from .reader import SUPPORTED_TENSOR_TYPES, GGUFHeader, TensorInfo, read_header, read_tensor
 
 # llama.cpp architecture -> (mlx-lm model_type, per-architecture tensor name overrides)
@@ -146,7 +150,36 @@ def gguf_to_config(header: GGUFHeader, read: Callable[[TensorInfo], np.ndarray])
     scaling = _rope_scaling(header, get, read, config, rope_dim)
     if scaling is not None:
         config["rope_scaling"] = scaling
+    _check_config(header, config)
     return config
+
+
+_SIZES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+_SIZES += ("num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def _check_config(header: GGUFHeader, config: dict) -> None:
+    """Metadata that cannot describe the file's tensors is corrupt: refused before a model of
+    that size is built."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{header.path}: corrupt GGUF metadata ({what})")
+
+    for key in _SIZES:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+            raise bad(f"{key} = {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = config[key]
+        if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise bad(f"{key} = {value!r}")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise bad(f"{config['num_attention_heads']} heads share {config['num_key_value_heads']}")
+    blocks = {int(n.split(".")[1]) for n in header.tensors if n.startswith("blk.")}
+    if blocks != set(range(config["num_hidden_layers"])):
+        raise bad(f"block_count {config['num_hidden_layers']}, tensors for {len(blocks)} blocks")
+    if header.tensors["token_embd.weight"].shape[1] != config["hidden_size"]:
+        raise bad(f"embedding_length {config['hidden_size']} does not fit token_embd.weight")
 
 
 def _gemma3_config(header: GGUFHeader, get: Callable[..., Any], config: dict) -> dict:
@@ -239,9 +272,14 @@ def load_gguf(
     tokenizer_config: dict | None = None,
     progress: bool | None = None,
     return_config: bool = False,
+    quantized: bool | None = None,
+    cache: bool | None = None,
 ) -> tuple:
     """Load a GGUF file as `(model, tokenizer)` (plus the config with return_config), like
-    `mlx_lm.load`. Weights are dequantized to `dtype` (default: float32 on CPU, else float16).
+    `mlx_lm.load`. Floating weights are in `dtype` (default: float32 on CPU, else float16).
+    quantized: keep quantized tensors quantized (MLX affine, see `.quantized`); default: unless
+    `dtype` is float32. cache: keep the loaded weights in the user's cache folder and read them
+    from there next time (see `.load_cache`; default: unless LAZYLLM_MLX_GGUF_CACHE=0).
     `progress` shows a progress bar on stderr (default: when stderr is a terminal)."""
     from .tokenizer import build_tokenizer
 
@@ -249,19 +287,60 @@ def load_gguf(
     arch = header.metadata.get("general.architecture")
     names = _weight_names(header, arch)
     data = np.memmap(header.path, np.uint8, mode="r")
-    config = gguf_to_config(header, lambda info: read_tensor(data, info))
+    try:
+        config = gguf_to_config(header, lambda info: read_tensor(data, info))
+    except (TypeError, ArithmeticError) as error:  # values of the wrong type, a zero head count
+        raise ValueError(f"{header.path}: corrupt GGUF metadata ({error})") from None
     config.update(model_config or {})
-    tokenizer = build_tokenizer(header.metadata, header.path, tokenizer_config)
+    try:
+        tokenizer = build_tokenizer(header.metadata, header.path, tokenizer_config)
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001  (tokenizers raises bare Exceptions for bad vocabularies)
+        raise ValueError(f"{header.path}: its tokenizer cannot be built ({error})") from None
     fix = _weight_fixer(arch, config)
     dtype = dtype or default_dtype(getattr(mx, GGUF_DEFAULT_DTYPE))
-    weights = {}
-    with _progress(len(names), f"Loading {header.path.name}", progress) as bar:
-        for name, target in names.items():
-            weights[target] = mx.array(fix(name, read_tensor(data, header.tensors[name])), dtype)
-            mx.eval(weights[target])  # dequantize one tensor at a time to bound memory
-            bar.update()
+    keep = dtype != mx.float32 if quantized is None else quantized
+    bits = {
+        name: mlx_bits(header.tensors[name]) if keep and target.endswith(".weight") else None
+        for name, target in names.items()
+    }
+    quantization = {
+        names[name].removesuffix(".weight"): {"group_size": GROUP_SIZE, "bits": b}
+        for name, b in bits.items()
+        if b is not None
+    }
+    if quantization:
+        config["quantization"] = {"group_size": GROUP_SIZE, "bits": 4, **quantization}
+    cached = load_cache.enabled() if cache is None else cache
+    options = dict(dtype=str(dtype), quantized=keep, model_config=model_config or {})
+    weights = load_cache.load(header.path, options) if cached else None
+    if weights is None:
+        weights = {}
+        with _progress(len(names), f"Loading {header.path.name}", progress) as bar:
+            for name, target in names.items():
+                weights.update(_tensor(data, header.tensors[name], target, bits[name], fix, dtype))
+                mx.eval(weights)  # one tensor at a time, to bound memory
+                bar.update()
+        if cached:
+            load_cache.save(header.path, options, weights)
     model = _build_model(header.path, config, weights)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _tensor(data, info: TensorInfo, target: str, bits: int | None, fix, dtype) -> dict:
+    """One GGUF tensor as mlx-lm parameters: dense in `dtype`, or quantized (weight, scales,
+    biases) when `bits` is set."""
+    dense = read_tensor(data, info)
+    if bits is None:
+        return {target: mx.array(fix(info.name, dense), dtype)}
+    stem = target.removesuffix(".weight")
+    packed, scales, biases = quantize_tensor(data, info, dense, dtype)
+    return {
+        target: mx.array(fix(info.name, packed)),
+        f"{stem}.scales": mx.array(fix(info.name, scales), dtype),
+        f"{stem}.biases": mx.array(fix(info.name, biases), dtype),
+    }
 
 
 def _weight_names(header: GGUFHeader, arch: Any) -> dict[str, str]:
@@ -294,6 +373,11 @@ def _build_model(path: Path, config: dict, weights: dict[str, mx.array]) -> Any:
     model = model_from_config(config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    quantization = config.get("quantization")
+    if quantization:
+        import mlx.nn as nn
+
+        nn.quantize(model, class_predicate=lambda p, _: quantization.get(p, False))
     expected = {k for k, _ in tree_flatten(model.parameters())}
     if missing := sorted(expected - weights.keys()):
         raise ValueError(f"{path}: GGUF file lacks tensors for {', '.join(missing[:8])}")

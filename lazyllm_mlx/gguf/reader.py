@@ -142,6 +142,8 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         if not 1 <= n_dims <= 4:
             raise cur.fail(f"tensor {name!r} has {n_dims} dimensions")
         dims = tuple(cur.scalar(10, name) for _ in range(n_dims))
+        if not all(1 <= d < 2**31 for d in dims):  # MLX's shapes are 32-bit
+            raise cur.fail(f"tensor {name!r} has dimensions {dims}")
         infos.append((name, dims, cur.scalar(4, name), cur.scalar(10, name)))
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

@@ -3,14 +3,19 @@
 POST /v1/chat/completions and /v1/completions (also without /v1), streaming as server-sent events;
 GET /v1/models and /health. Every connection gets a thread, but one model serves them all, so
 generations run one at a time (GenerationService's lock); /health and /v1/models answer meanwhile.
-Bad requests get 4xx JSON errors and the server goes on serving. Listens on 127.0.0.1 by default.
+Bad requests get 4xx JSON errors and the server goes on serving; a generation whose client left
+stops at its next token. Listens on 127.0.0.1 by default; CORS headers name the allowed origins
+(mlx-lm's `--allowed-origins`, default any) and OPTIONS preflights are answered.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -39,9 +44,16 @@ class LazyServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], service: GenerationService, quiet: bool = False):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        service: GenerationService | None,
+        quiet: bool = False,
+        allowed_origins: Sequence[str] = ("*",),
+    ):
         super().__init__(address, APIHandler)
         self.service, self.quiet, self.started = service, quiet, int(time.time())
+        self.allowed_origins = list(allowed_origins)
 
     @property
     def url(self) -> str:
@@ -52,6 +64,7 @@ class LazyServer(ThreadingHTTPServer):
 class APIHandler(BaseHTTPRequestHandler):
     server: LazyServer
     server_version = "lazyllm-mlx"
+    _cors_sent = False
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -72,11 +85,68 @@ class APIHandler(BaseHTTPRequestHandler):
         else:
             self._error(RequestError(f"No such endpoint: GET {path}", 404, "not_found_error"))
 
+    do_HEAD = do_GET  # the same headers, no body
+
+    def do_OPTIONS(self) -> None:
+        """A CORS preflight: which methods and headers a browser may send."""
+        self.send_response(204)
+        self._cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        requested = self.headers.get("Access-Control-Request-Headers")
+        self.send_header("Access-Control-Allow-Headers", requested or "Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def end_headers(self) -> None:
+        if not self._cors_sent:
+            self._cors_headers()
+        self._cors_sent = False
+        super().end_headers()
+
+    def _cors_headers(self) -> None:
+        headers = getattr(self, "headers", None)  # absent when the request line was bad
+        allowed, origin = self.server.allowed_origins, headers and headers.get("Origin")
+        if "*" in allowed:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif origin in allowed:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        self._cors_sent = True
+
+    def do_PUT(self) -> None:
+        self._method_not_allowed()
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _method_not_allowed(self) -> None:
+        path = self.path.split("?")[0].rstrip("/")
+        error = RequestError(f"Method {self.command} is not allowed on {path or '/'}", 405)
+        self._error(error, {"Allow": "GET, POST, OPTIONS"})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """http.server's own errors (bad request line, headers too large, unknown method) as
+        JSON, like every other error here."""
+        kind = "server_error" if code >= 500 else "invalid_request_error"
+        text = message or self.responses.get(code, ("Error",))[0]
+        data = json.dumps(RequestError(text, code, kind).body()).encode()
+        self.log_error("code %d, message %s", code, text)
+        if self.request_version == "HTTP/0.9":  # a garbled request line: answer with a status
+            self.request_version = "HTTP/1.0"
+        self.send_response(code, message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD" and code not in (204, 304):
+            self.wfile.write(data)
+
     def do_POST(self) -> None:
         self._streaming = False
         path = self.path.split("?")[0].rstrip("/")
         try:
             if path not in POST_ROUTES:
+                self._drain()
                 raise RequestError(f"No such endpoint: POST {path}", 404, "not_found_error")
             request = parse_request(POST_ROUTES[path], self._read_body())
             tokens = self.server.service.prompt_tokens(request)
@@ -89,6 +159,14 @@ class APIHandler(BaseHTTPRequestHandler):
             _log.exception("request failed")
             self._error(RequestError(f"Internal error: {error}", 500, "server_error"))
 
+    def _drain(self) -> None:
+        """Read a body nobody will use: closing a socket with unread data resets the
+        connection, and the client could lose the error response."""
+        try:
+            self._read_body()
+        except RequestError:
+            pass
+
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None:
@@ -96,31 +174,53 @@ class APIHandler(BaseHTTPRequestHandler):
         try:
             size = int(length)
         except ValueError:
-            raise RequestError(f"Invalid Content-Length header {length!r}.") from None
-        if not 0 <= size <= MAX_BODY_BYTES:
+            size = -1
+        if size < 0:
+            raise RequestError(
+                f"Invalid Content-Length header {length!r}: expected a byte count >= 0."
+            )
+        if size > MAX_BODY_BYTES:
             raise RequestError(f"The body must be at most {MAX_BODY_BYTES} bytes.", 413)
-        return self.rfile.read(size)
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise RequestError(f"The body ended after {len(body)} of {size} bytes.")
+        return body
 
     def _complete(self, request: CompletionRequest, tokens: list[int]) -> None:
         service = self.server.service
         model_id = service.model_id
         progress = self._keepalive if request.stream else None
-        with service.start(request, tokens, progress) as generation:
+        # A stream notices a departed client when a write fails; a plain request must look.
+        gone = None if request.stream else self._client_gone
+        with service.start(request, tokens, progress, gone) as generation:
             if request.stream:
                 self._start_stream()
                 for text in generation:
-                    self._event(response_body(request, model_id, text, None))
+                    logprobs = generation.take_logprobs()
+                    self._event(response_body(request, model_id, text, None, None, logprobs))
                 finish = generation.finish
                 extra = {"lazyllm": finish.lazyllm()}
-                self._event(response_body(request, model_id, "", finish.reason, extra))
+                logprobs = generation.take_logprobs()
+                self._event(response_body(request, model_id, "", finish.reason, extra, logprobs))
                 if request.include_usage:
                     self._event(usage_chunk(request, model_id, finish.usage()))
                 self._write(b"data: [DONE]\n\n")
                 return
             text = "".join(generation)
             finish = generation.finish
+        if finish.reason == "cancelled":
+            return  # nobody is waiting for the answer
         extra = {"usage": finish.usage(), "lazyllm": finish.lazyllm()}
-        self._json(200, response_body(request, model_id, text, finish.reason, extra))
+        body = response_body(request, model_id, text, finish.reason, extra, finish.logprobs)
+        self._json(200, body)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (an end of stream waits to be read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _start_stream(self) -> None:
         self.send_response(200)
@@ -147,26 +247,36 @@ class APIHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.wfile.flush()
 
-    def _json(self, status: int, body: dict[str, Any]) -> None:
+    def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self._write(data)
+        if self.command != "HEAD":
+            self._write(data)
 
-    def _error(self, error: RequestError) -> None:
+    def _error(self, error: RequestError, headers: dict[str, str] | None = None) -> None:
         try:
             if getattr(self, "_streaming", False):
                 self._event(error.body())  # headers are out: the error becomes the last event
             else:
-                self._json(error.status, error.body())
+                self._json(error.status, error.body(), headers)
         except OSError:
             pass
 
 
 def make_server(
-    service: GenerationService, host: str = "127.0.0.1", port: int = 8080, quiet: bool = False
+    service: GenerationService | None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    quiet: bool = False,
+    allowed_origins: Sequence[str] = ("*",),
 ) -> LazyServer:
-    """A server bound to host:port (port 0 picks a free one); call serve_forever() to run it."""
-    return LazyServer((host, port), service, quiet)
+    """A server bound to host:port (port 0 picks a free one); call serve_forever() to run it.
+
+    service may be set later (`server.service = ...`), before serve_forever: the port is then
+    taken before a model is loaded. A port in use raises OSError."""
+    return LazyServer((host, port), service, quiet, allowed_origins)

@@ -3,8 +3,9 @@
 Each slot holds the tokens the last request of that schedule left in its cache (prompt and
 generated tokens) and the cache itself: a LazyCache, or mlx-lm's list of KV caches for plain mlx-lm.
 A request takes its schedule's slot, the cache is trimmed back to the prefix the two share (keeping
-at least one new token to prefill), and the request prefills only the rest. Not thread-safe: the
-server uses it under its generation lock.
+at least one new token to prefill), and the request prefills only the rest. The least recently
+used slots go when there are more than `max_slots`, or when they hold more than `max_bytes` (as
+mlx-lm's `--prompt-cache-bytes`). Not thread-safe: the server uses it under its generation lock.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def _per_layer(cache: Any) -> list:
     """mlx-lm's prompt cache is a list of per-layer caches; a LazyCache is one for all layers.
     Either way each speaks mlx-lm's cache protocol (offset, is_trimmable, trim, state)."""
     return cache if isinstance(cache, list) else [cache]
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes held by a LazyCache or an mlx-lm list cache."""
+    return sum(c.nbytes for c in _per_layer(cache))
 
 
 def cache_offset(cache: Any) -> int:
@@ -46,14 +52,23 @@ class _Slot:
 
 
 class PromptCaches:
-    """Per key (a schedule), the last request's tokens and cache; the least recently used go."""
+    """Per key (a schedule), the last request's tokens and cache; the least recently used go
+    beyond `max_slots` slots or `max_bytes` bytes (None: no byte limit)."""
 
-    def __init__(self, max_slots: int = 4):
-        self.max_slots = max_slots
+    def __init__(self, max_slots: int = 4, max_bytes: int | None = None):
+        self.max_slots, self.max_bytes = max_slots, max_bytes
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cache_nbytes(slot.cache) for slot in self._slots.values())
+
+    def held_tokens(self) -> dict[str, int]:
+        """Tokens each slot holds, by key (most recent last)."""
+        return {key: len(slot.tokens) for key, slot in self._slots.items()}
 
     def clear(self) -> None:
         self._slots.clear()
@@ -77,8 +92,14 @@ class PromptCaches:
             return
         self._slots[key] = _Slot(list(tokens[: cache_offset(cache)]), cache)
         self._slots.move_to_end(key)
-        while len(self._slots) > self.max_slots:
+        dropped = False
+        while len(self._slots) > self.max_slots or (
+            self._slots and self.max_bytes is not None and self.nbytes > self.max_bytes
+        ):
             self._slots.popitem(last=False)
+            dropped = True
+        if dropped:
+            mx.clear_cache()  # give the freed buffers back, not only to MLX's pool
 
 
 def settle(cache: Any) -> None:

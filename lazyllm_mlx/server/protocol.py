@@ -9,12 +9,14 @@ Our own figures go in a non-standard `lazyllm` field.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 SERVER_DEFAULT = "server-default"  # `lazy` when the request does not name a schedule
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions
 
 
 class RequestError(Exception):
@@ -48,6 +50,12 @@ class CompletionRequest:
     max_tokens: int | None = None  # None: the server's default
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20  # mlx-lm's default
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives reported per token (with logprobs)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     lazy: Any = SERVER_DEFAULT  # a schedule string or dict, None for plain mlx-lm
@@ -75,14 +83,35 @@ def _bad(message: str, param: str | None = None) -> RequestError:
     return RequestError(message, param=param)
 
 
+def _check_unicode(body: Any) -> None:
+    """JSON may escape lone surrogates ("\\ud800"), which no tokenizer can encode."""
+    pending = [body]
+    while pending:  # iterative: the nesting may be as deep as the parser allowed
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += value.keys()
+            pending += value.values()
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                bad = value[error.start : error.end].encode("unicode_escape").decode()
+                raise _bad(f"The request holds invalid Unicode: a lone surrogate {bad}.") from None
+
+
 def parse_request(kind: str, raw: bytes) -> CompletionRequest:
     """Parse and validate a request body; raises RequestError (400) with what is wrong."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _bad(f"Invalid JSON in request body: {error}") from None
+    except RecursionError:
+        raise _bad("Invalid JSON in request body: it is nested too deeply.") from None
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object.")
+    _check_unicode(body)
     request = CompletionRequest(kind=kind, created=int(time.time()))
     request.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     if kind == "chat":
@@ -98,11 +127,14 @@ def parse_request(kind: str, raw: bytes) -> CompletionRequest:
     request.max_tokens = max_tokens
     request.temperature = _number(body, "temperature", 0.0, None)
     request.top_p = _number(body, "top_p", 0.0, 1.0)
+    request.top_k = _integer(body, "top_k", 0, None)
+    request.min_p = _number(body, "min_p", 0.0, 1.0)
+    request.repetition_penalty = _number(body, "repetition_penalty", 0.0, None)
+    context = _integer(body, "repetition_context_size", 1, None)
+    request.repetition_context_size = 20 if context is None else context
+    request.logprobs, request.top_logprobs = _logprobs(body, kind)
     request.stop = _stop(body.get("stop"))
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad("seed must be an integer.", "seed")
-    request.seed = seed
+    request.seed = _integer(body, "seed", 0, 2**64 - 1)
     n = body.get("n", 1)
     if n != 1:
         raise _bad("Only n=1 is supported (one model, one generation at a time).", "n")
@@ -127,10 +159,38 @@ def _number(body: dict, name: str, low: float, high: float | None) -> float | No
     value = body.get(name)
     if value is None:
         return None
-    if not _is_number(value) or value < low or (high is not None and value > high):
+    # json.loads accepts NaN and Infinity, which no bound check catches
+    finite = _is_number(value) and math.isfinite(value)
+    if not finite or value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f">= {low}"
         raise _bad(f"{name} must be a number {bounds}.", name)
     return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise _bad(f"{name} must be an integer {bounds}.", name)
+    return value
+
+
+def _logprobs(body: dict, kind: str) -> tuple[bool, int]:
+    """(report log-probabilities, alternatives per token). Chat: `logprobs` true and
+    `top_logprobs` N (OpenAI's chat API); completions: also `logprobs` N (the legacy API)."""
+    value, top = body.get("logprobs"), _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if value is None or value is False:
+        if top:
+            raise _bad("top_logprobs needs logprobs: true.", "top_logprobs")
+        return False, 0
+    if value is True:
+        return True, top or 0
+    if kind == "text" and _is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS:
+        return True, value
+    what = "true or false" if kind == "chat" else f"true, false or an integer 0-{MAX_TOP_LOGPROBS}"
+    raise _bad(f"logprobs must be {what}.", "logprobs")
 
 
 def _stop(stop: Any) -> list[str]:
@@ -193,15 +253,21 @@ def response_body(
     text: str,
     finish_reason: str | None,
     extra: dict[str, Any] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole response (non-streaming) or one SSE chunk (streaming), mlx-lm's shapes."""
+    """A whole response (non-streaming) or one SSE chunk (streaming), mlx-lm's shapes.
+
+    logprobs: the entries (token, logprob, bytes, top_logprobs) of the tokens this response
+    carries, when the request asked for them."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
     if request.kind == "text":
-        choice.update(text=text, logprobs=None)
+        choice.update(text=text, logprobs=None if logprobs is None else legacy_logprobs(logprobs))
     elif request.stream:
         choice["delta"] = {"role": "assistant", **({"content": text} if text else {})}
     else:
         choice["message"] = {"role": "assistant", "content": text}
+    if request.kind == "chat" and logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
     body = {
         "id": request.id,
         "object": request.object,
@@ -210,6 +276,20 @@ def response_body(
         "choices": [choice],
     }
     return {**body, **(extra or {})}
+
+
+def legacy_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """/v1/completions' shape: parallel lists, alternatives as {token: logprob}."""
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def usage_chunk(request: CompletionRequest, model_id: str, usage: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.server import convert_chat
 
 from ..config import LazyConfig
@@ -37,13 +37,14 @@ from .protocol import SERVER_DEFAULT, CompletionRequest, RequestError
 class Finish:
     """How a request ended, with its counts and LazyLLM figures."""
 
-    reason: str  # "stop" (EOS or a stop string) or "length"
+    reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (the client left)
     prompt_tokens: int
     completion_tokens: int
     reused_tokens: int  # prompt tokens found in the server's cache, not prefilled again
     schedule: str
     ttft: float
     stats: LazyStats | None
+    logprobs: list[dict[str, Any]] | None = None  # one entry per sent token, when asked
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -103,6 +104,10 @@ class StopText:
         return held
 
 
+def token_entry(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
 class GenerationService:
     """The model, its tokenizer, the server's defaults, the prompt caches and the lock."""
 
@@ -116,15 +121,19 @@ class GenerationService:
         max_tokens: int = 512,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
         prefill_step_size: int = 2048,
         chat_template_args: dict[str, Any] | None = None,
         cache_slots: int = 4,
+        cache_bytes: int | None = None,
     ):
         self.model, self.tokenizer, self.lazy, self.model_id = model, tokenizer, lazy, model_id
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.top_k, self.min_p = top_k, min_p
         self.prefill_step_size = prefill_step_size
         self.chat_template_args = chat_template_args or {}
-        self.caches = PromptCaches(cache_slots)
+        self.caches = PromptCaches(cache_slots, cache_bytes)
         self.lock = threading.Lock()
 
     def prompt_tokens(self, request: CompletionRequest) -> list[int]:
@@ -174,15 +183,37 @@ class GenerationService:
             ) from None
         return config
 
+    def sampling(self, request: CompletionRequest) -> dict[str, Any]:
+        """stream_generate's sampler and logits processors for the request's fields (the
+        server's defaults where it names none)."""
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        sampler = make_sampler(
+            pick(request.temperature, self.temperature),
+            top_p=pick(request.top_p, self.top_p),
+            min_p=pick(request.min_p, self.min_p),
+            top_k=pick(request.top_k, self.top_k),
+        )
+        processors = make_logits_processors(
+            repetition_penalty=request.repetition_penalty,
+            repetition_context_size=request.repetition_context_size,
+        )
+        return dict(sampler=sampler, logits_processors=processors or None)
+
     def start(
         self,
         request: CompletionRequest,
         tokens: list[int],
         progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Generation:
         """Take the lock, reuse the cached prefix and set the generation up (no work yet).
 
-        Close the returned Generation (or use it in a `with` block) to release the lock.
+        should_stop: checked after every token (the client left); the generation then ends
+        with reason "cancelled". Close the returned Generation (or use it in a `with` block) to
+        release the lock.
         """
         lazy = self.schedule(request)
         key = "off" if lazy is None else lazy.to_string()
@@ -191,8 +222,6 @@ class GenerationService:
             if request.seed is not None:
                 mx.random.seed(request.seed)
             cache, reused = self.caches.take(key, tokens, partial(self._new_cache, lazy))
-            temperature = self.temperature if request.temperature is None else request.temperature
-            top_p = self.top_p if request.top_p is None else request.top_p
             try:
                 responses = stream_generate(
                     self.model,
@@ -201,9 +230,10 @@ class GenerationService:
                     request.max_tokens or self.max_tokens,
                     lazy=lazy,
                     prompt_cache=cache,
-                    sampler=make_sampler(temperature, top_p=top_p),
                     prefill_step_size=self.prefill_step_size,
                     prompt_progress_callback=progress,
+                    should_stop=should_stop,
+                    **self.sampling(request),
                 )
             except ValueError as error:
                 raise RequestError(str(error)) from None
@@ -216,6 +246,7 @@ class GenerationService:
                 reused=reused,
                 responses=responses,
                 stops=request.stop,
+                top_logprobs=request.top_logprobs if request.logprobs else None,
             )
         except BaseException:
             self.lock.release()
@@ -237,8 +268,12 @@ class Generation:
     reused: int  # prompt tokens the cache already held
     responses: Generator[GenerationResponse, None, None]  # from stream_generate
     stops: list[str]
+    top_logprobs: int | None = None  # None: no log-probabilities; N: with N alternatives
     finish: Finish | None = field(default=None, init=False)
     _generated: list[int] = field(default_factory=list, init=False, repr=False)
+    _pending: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _sent: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _taken: int = field(default=0, init=False, repr=False)
     _failed: bool = field(default=False, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
 
@@ -254,11 +289,19 @@ class Generation:
         try:
             for last in self.responses:
                 self._generated.append(last.token)
+                if self.top_logprobs is not None and last.finish_reason != "stop":
+                    self._pending.append(self._logprob(last))  # EOS is no sent token
                 text = stop.add(last.text)
+                if text and not stop.stopped:
+                    self._sent += self._pending  # tokens held back with a stop string's start
+                    self._pending = []
                 if text:
                     yield text
                 if stop.stopped:
                     break
+            if not stop.stopped:
+                self._sent += self._pending
+                self._pending = []
             if tail := stop.flush():
                 yield tail
         except Exception:
@@ -272,7 +315,32 @@ class Generation:
             schedule=self.schedule,
             ttft=last.ttft,
             stats=last.lazy,
+            logprobs=None if self.top_logprobs is None else list(self._sent),
         )
+
+    def take_logprobs(self) -> list[dict[str, Any]] | None:
+        """Entries of the tokens sent since the last call (streaming), None when not asked."""
+        if self.top_logprobs is None:
+            return None
+        entries, self._taken = self._sent[self._taken :], len(self._sent)
+        return entries
+
+    def _logprob(self, response: GenerationResponse) -> dict[str, Any]:
+        """OpenAI's entry for one token: the text it added, its log-probability, bytes and the
+        most likely alternatives (each decoded alone)."""
+        logprobs = response.logprobs.astype(mx.float32)
+        entry = token_entry(response.text, logprobs[response.token].item())
+        alternatives = []
+        if self.top_logprobs:
+            top = mx.argpartition(-logprobs, self.top_logprobs - 1)[: self.top_logprobs]
+            top = top[mx.argsort(-logprobs[top])].tolist()
+            values = logprobs[mx.array(top)].tolist()
+            decode = self.service.tokenizer.decode
+            alternatives = [
+                token_entry(response.text if t == response.token else decode([t]), v)
+                for t, v in zip(top, values)
+            ]
+        return {**entry, "top_logprobs": alternatives}
 
     def close(self) -> None:
         """End the generation (early or not), keep the cache for the next request, unlock."""

@@ -1,0 +1,108 @@
+"""Bad command lines end in one clear line naming the flag, before any model is loaded."""
+
+from __future__ import annotations
+
+from lazyllm_mlx import LazyConfig
+from lazyllm_mlx.cli import main
+
+import pytest
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load a model fails the test: these errors must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+
+    for command in ("generate", "cache_prompt", "serve", "bench", "eval", "convert"):
+        module = __import__(f"lazyllm_mlx.cli.{command}", fromlist=["run"])
+        for name in ("load", "convert"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--prefill-step-size", "0"], "--prefill-step-size: expected a positive"),
+        (["serve", "--prefill-step-size", "-3"], "--prefill-step-size: expected a positive"),
+        (["generate", "--temp", "-1"], "--temp: expected a number >= 0"),
+        (["generate", "--temp", "nan"], "--temp: expected a number >= 0"),
+        (["serve", "--temp", "-0.5"], "--temp: expected a number >= 0"),
+        (["generate", "--top-p", "1.5"], "--top-p: expected a number between 0 and 1"),
+        (["generate", "--min-p", "-0.1"], "--min-p: expected a number between 0 and 1"),
+        (["generate", "--top-k", "-2"], "--top-k: expected an integer >= 0"),
+        (["generate", "--schedule", ""], "--schedule: the schedule is empty"),
+        (["cache-prompt", "-p", "x", "--prompt-cache-file", "c", "--schedule", " "], "empty"),
+        (["generate", "--chat-template-config", "{bad"], "--chat-template-config: not valid JSON"),
+        (["generate", "--chat-template-config", "[1]"], "--chat-template-config: expected a JSON"),
+        (["serve", "--chat-template-args", "{bad"], "--chat-template-args: not valid JSON"),
+        (["bench", "--lengths", "abc"], "--lengths: expected comma-separated integers"),
+        (["generate", "--no-such-flag"], "lazyllm-mlx generate: error: unrecognized arguments"),
+    ],
+)
+def test_bad_values_name_their_flag(no_model, capsys, argv, message):
+    code, err = run_cli(capsys, *argv)
+    assert code == 2
+    line = one_line_error(err)
+    assert message in line, err
+    if "unrecognized" in message:
+        assert "usage: lazyllm-mlx generate" in err  # the command's usage, not the top level's
+
+
+def test_directories_where_files_are_expected(no_model, capsys, tmp_path):
+    code, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path))
+    assert code == 2 and "--prompt-file" in one_line_error(err) and "is a directory" in err
+    code, err = run_cli(capsys, "cache-prompt", "-p", "x", "--prompt-cache-file", str(tmp_path))
+    assert code == 2 and "--prompt-cache-file" in err and "is a directory" in one_line_error(err)
+
+
+def test_unwritable_outputs_are_named_before_any_work(no_model, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    inside = str(blocker / "out")
+    missing = str(tmp_path / "no" / "such" / "out.json")
+    cases = [
+        (["cache-prompt", "-p", "x", "--prompt-cache-file", inside], "--prompt-cache-file"),
+        (["bench", "--json", missing], "--json"),
+        (["bench", "--plot-dir", inside], "--plot-dir"),
+        (["eval", "--json", inside], "--json"),
+        (["eval", "--plot", missing], "--plot"),
+        (["probe", "--json", inside], "--json"),
+        (["convert", "--mlx-path", inside], "--mlx-path"),
+    ]
+    for argv, flag in cases:
+        code, err = run_cli(capsys, *argv)
+        line = one_line_error(err)
+        assert code == 2 and flag in line and "cannot write" in line, (argv, err)
+        assert ".partial" not in line and ".safetensors." not in line
+
+
+def test_a_prompt_file_that_is_not_text(no_model, capsys, tmp_path):
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    code, err = run_cli(capsys, "generate", "--prompt-file", str(binary))
+    assert code == 2 and "not UTF-8 text" in one_line_error(err)
+    code, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path / "missing.txt"))
+    assert code == 2 and "does not exist" in one_line_error(err)
+
+
+def test_the_api_refuses_an_empty_schedule_too():
+    with pytest.raises(ValueError, match="schedule is empty"):
+        LazyConfig.parse("  ")
