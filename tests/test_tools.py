@@ -95,17 +95,18 @@ def test_benchmarks_md_tables():
             {"length": 1024, "method": "baseline", "prefill_fraction": 1.0,
              "scores": {"passkey": 100.0}, "accuracy": 100.0, "first_token": 1.0, "kl": 0.0,
              "continuation": 1.0, "ttft_speedup": 1.0,
-             "instances": [{"task": "passkey", "score": 1.0}] * 2},
+             "instances": [{"task": "passkey", "score": 1.0, "first_token": 1.0}] * 2},
             {"length": 1024, "method": "paper", "prefill_fraction": 0.7,
              "scores": {"passkey": 50.0}, "accuracy": 50.0, "first_token": 0.5, "kl": 0.1,
              "continuation": 0.5, "ttft_speedup": 1.6,
-             "instances": [{"task": "passkey", "score": 1.0}, {"task": "passkey", "score": 0.0}]},
+             "instances": [{"task": "passkey", "score": 1.0, "first_token": 1.0},
+                           {"task": "passkey", "score": 0.0, "first_token": 0.0}]},
         ],
     }  # fmt: skip
     lines = tables.eval_table(report).splitlines()
     assert lines[-2] == (
-        "| `baseline` | 1.000 | 100.0 | 100.0 | +0.0 ± 0.0 | 100 % | 0.000 | 100 % | 1.00 |"
+        "| `baseline` | 1.000 | 100.0 | 100.0 | +0.0 ± 0.0 | 100 % | 100 % | 0.000 | 100 % | 1.00 |"
     )
     assert lines[-1] == (
-        "| `paper` | 0.700 | 50.0 | 50.0 | -50.0 ± 50.0 | 50 % | 0.100 | 50 % | 1.60 |"
+        "| `paper` | 0.700 | 50.0 | 50.0 | -50.0 ± 50.0 | 50 % | 50 % | 0.100 | 50 % | 1.60 |"
     )

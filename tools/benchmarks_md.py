@@ -61,14 +61,16 @@ def eval_table(report: dict[str, Any]) -> str:
             "",
             f"**{length}-token prompts**",
             "",
-            "| method | prefill | " + " | ".join(tasks) + " | mean | Δ ± se | 1st token | KL | "
-            "continuation | TTFT × |",
-            "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|---:|",
+            "| method | prefill | " + " | ".join(tasks) + " | mean | Δ ± se | 1st token | "
+            "1st where right | KL | continuation | TTFT × |",
+            "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|---:|---:|",
         ]
         rows = [r for r in report["results"] if r["length"] == length]
         base = next(r for r in rows if r["method"] == "baseline")
+        right = [i["score"] >= 0.5 for i in base["instances"]]
         for r in rows:
             delta, se = paired_accuracy_delta(r["instances"], base["instances"])
+            agree = [i["first_token"] for i, ok in zip(r["instances"], right) if ok]
             scores = [_fmt(r["scores"].get(t), ".1f") for t in tasks]
             cells = [
                 f"`{r['method']}`",
@@ -77,6 +79,7 @@ def eval_table(report: dict[str, Any]) -> str:
                 _fmt(r["accuracy"], ".1f"),
                 f"{delta:+.1f} ± {se:.1f}",
                 _fmt(100 * r["first_token"], ".0f") + " %",
+                (_fmt(100 * sum(agree) / len(agree), ".0f") + " %") if agree else "-",
                 _fmt(r["kl"], ".3f"),
                 _fmt(100 * r["continuation"], ".0f") + " %",
                 _fmt(r["ttft_speedup"], ".2f"),

@@ -115,12 +115,13 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         "accuracy in points (passkey/kv: number match, mdqa: module named, code: edit similarity);"
         " KL(baseline ‖ method) of the first token in nats; cont.: greedy continuation matching"
-        " the baseline's; TTFT ×: median over prompts of baseline TTFT / method TTFT;"
+        " the baseline's; 1st ok: first token agreement on the prompts the baseline answers right;"
+        " TTFT ×: median over prompts of baseline TTFT / method TTFT;"
         " Δ: mean minus the baseline's ± its standard error over the same prompts"
     )
     head = f"{'method':<28}{'prefill':>8}" + "".join(f"{t:>8}" for t in tasks)
     delta = "Δ ±se" if estimated else "Δ"
-    head += f"{'mean':>7}{delta:>13}{'1st tok':>8}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}"
+    head += f"{'mean':>7}{delta:>13}{'1st tok':>8}{'1st ok':>7}{'KL':>8}{'cont.':>7}{'TTFT ×':>8}"
     head += f"{'× none':>8}"
     for length in report["lengths"]:
         print(f"\n{length}-token prompts")
@@ -135,7 +136,8 @@ def print_table(report: dict[str, Any]) -> None:
             line = f"{r['method'][:27]:<28}{r['prefill_fraction']:>8.3f}"
             line += "".join(f"{r['scores'][t]:>8.1f}" for t in tasks)
             delta = _delta(r, estimated)
-            line += f"{r['accuracy']:>7.1f}{delta:>13}{r['first_token']:>8.0%}{r['kl']:>8.3f}"
+            line += f"{r['accuracy']:>7.1f}{delta:>13}{r['first_token']:>8.0%}"
+            line += f"{_cell(r.get('first_token_where_right'), '{:.0%}'):>7}{r['kl']:>8.3f}"
             line += f"{r['continuation']:>7.0%}{r['ttft_speedup']:>8.2f}"
             line += f"{_cell(r['ttft_speedup_vs_none'], '{:.2f}'):>8}"
             print(line)

@@ -29,6 +29,7 @@ from .measure import generate_once, warm_up
 from .scores import kl_divergence, paired_accuracy_delta, prefix_fraction, score_answer
 from .tasks import Task, build_tasks
 
+SOLVED = 0.5  # a prompt the baseline answers right: its score (number, module, code) at least this
 FAMILIES = ("baseline", "none", "lazy", "random", "static")
 
 
@@ -159,6 +160,7 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
         return statistics.median(b["ttft"] / r["ttft"] for b, r in zip(reference, records))
 
     delta, delta_se = paired_accuracy_delta(records, base)
+    right = [r["first_token"] for r, b in zip(records, base) if b["score"] >= SOLVED]
 
     return dict(
         method=method.label,
@@ -170,6 +172,10 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
         accuracy_delta=delta,  # vs the baseline on the same prompts, points
         accuracy_delta_se=delta_se,
         first_token=statistics.fmean(r["first_token"] for r in records),
+        # where the baseline answers right: a pruned run that disagrees elsewhere may be right
+        first_token_where_right=statistics.fmean(r["first_token"] for r in right)
+        if right
+        else None,
         kl=statistics.fmean(r["kl"] for r in records),
         continuation=statistics.fmean(r["continuation"] for r in records),
         prefill_fraction=statistics.fmean(r["prefill_fraction"] for r in records),
