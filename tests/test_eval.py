@@ -7,7 +7,7 @@ import lazyllm_mlx.cli.eval as eval_command
 from lazyllm_mlx import LazyConfig
 from lazyllm_mlx.cli import main
 from lazyllm_mlx.config import split_schedules
-from lazyllm_mlx.evals.run import best_schedule, build_methods, static_config
+from lazyllm_mlx.evals.run import Method, best_schedule, build_methods, static_config, summarize
 from lazyllm_mlx.evals.scores import (
     contains_word,
     edit_similarity,
@@ -150,6 +150,24 @@ def test_paired_accuracy_delta_and_its_standard_error():
     assert se == pytest.approx(math.sqrt(50**2 + 10**2) / 2)
     with pytest.raises(ValueError):
         paired_accuracy_delta(base[:3], base)
+
+
+def test_a_method_row_counts_first_tokens_where_the_baseline_is_right_apart():
+    def record(score, first):
+        return dict(task="kv", score=score, first_token=first, kl=0.0, continuation=1.0,
+                    prefill_fraction=0.5, ttft=1.0)  # fmt: skip
+
+    base = [record(1.0, 1.0), record(1.0, 1.0), record(0.0, 1.0), record(0.0, 1.0)]
+    lazy = [record(1.0, 1.0), record(1.0, 1.0), record(1.0, 0.0), record(0.0, 0.0)]
+    row = summarize(Method("lazy", "lazy", LazyConfig.preset("default")), lazy, base, None)
+    assert row["first_token"] == 0.5
+    assert row["first_token_where_right"] == 1.0  # it differs only where the baseline is wrong
+    assert row["accuracy_delta"] == pytest.approx(25.0)
+    unsolved = [record(0.0, 1.0)] * 4
+    assert (
+        summarize(Method("l", "lazy", None), lazy, unsolved, None)["first_token_where_right"]
+        is None
+    )
 
 
 @pytest.mark.parametrize("layers", [10, 18, 30])

@@ -173,9 +173,7 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
         accuracy_delta_se=delta_se,
         first_token=statistics.fmean(r["first_token"] for r in records),
         # where the baseline answers right: a pruned run that disagrees elsewhere may be right
-        first_token_where_right=statistics.fmean(r["first_token"] for r in right)
-        if right
-        else None,
+        first_token_where_right=statistics.fmean(right) if right else None,
         kl=statistics.fmean(r["kl"] for r in records),
         continuation=statistics.fmean(r["continuation"] for r in records),
         prefill_fraction=statistics.fmean(r["prefill_fraction"] for r in records),
