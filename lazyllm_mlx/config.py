@@ -30,7 +30,16 @@ FAMILY_PRESETS: dict[str, str] = {"gemma3_text": "safe"}
 # query heads, KV heads): where a small model's attention finds what a prompt asks for is a
 # property of the model (`lazyllm-mlx probe`), so no layout in depth fractions suits them all.
 # Fine-tunes of a model share its architecture and, mostly, its calibration.
-CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {}
+# The schedules below use the window rule (an observation window of 64 queries, scores pooled over
+# 13 positions, heads reduced by max, 4 sink tokens) at the layers where the model retrieves.
+_WINDOW_RULE = "w=64;pool=13;heads=max;sink=4;min=256"
+CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
+    # SmolLM2-135M: retrieval starts at layer 7 (2K prompts) and is sharp at 14-18.
+    ("llama", 30, 576, 9, 3): {
+        "default": f"8:0.4,18:0.5;{_WINDOW_RULE}",
+        "safe": f"15:0.4,19:0.5;{_WINDOW_RULE}",
+    },
+}
 
 
 def calibrated(config: LazyConfig, architecture: tuple) -> LazyConfig:
@@ -352,8 +361,11 @@ def split_schedules(items: list[str]) -> list[str]:
     return list(dict.fromkeys(schedules))
 
 
-def family_default(model_type: str) -> LazyConfig:
-    """The preset calibrated for this model family, else `default`."""
+def family_default(model_type: str, architecture: tuple = ()) -> LazyConfig:
+    """`default` where the model has its own calibration of it, else the preset chosen for its
+    family, else `default`."""
+    if "default" in CALIBRATED.get(tuple(architecture), {}):
+        return LazyConfig.preset("default")
     return LazyConfig.preset(FAMILY_PRESETS.get(model_type, "default"))
 
 

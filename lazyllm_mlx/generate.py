@@ -70,7 +70,7 @@ def default_schedule(model: nn.Module) -> LazyConfig:
     stored = getattr(model, "lazyllm_schedule", None)
     if stored is not None:
         return as_config(stored)
-    return for_model(family_default(model_type_of(model)), model)
+    return for_model(family_default(model_type_of(model), architecture_of(model)), model)
 
 
 def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:

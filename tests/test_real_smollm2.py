@@ -44,3 +44,16 @@ def test_paper_prunes_the_expected_fraction_and_still_answers(smollm2, question_
     assert last.lazy.prefill_tokens_per_layer[:9] == [n] * 9
     assert last.lazy.prefill_tokens_per_layer[-1] < 0.35 * n
     assert "Edgar" in text
+
+
+def test_the_calibrated_default_prunes_its_fraction_and_still_answers(smollm2, question_prompt):
+    model, _, _ = smollm2
+    from lazyllm_mlx.generate import for_model
+
+    calibration = for_model("default", model)
+    assert calibration.window > 1 and calibration != LazyConfig.preset("default")
+    _, text, last = run(smollm2, question_prompt, "default")
+    n = len(question_prompt)
+    assert last.lazy.prefill_fraction == pytest.approx(calibration.resolve(30).prefill_fraction(n))
+    assert last.lazy.prefill_fraction < 0.5
+    assert "Edgar" in text

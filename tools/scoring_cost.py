@@ -12,6 +12,7 @@ real text, so the table reads as a share of the prefill.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -41,6 +42,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--schedule", default="default")
+    parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     model, tokenizer = load(args.model)
     family = family_of(model)
@@ -56,6 +58,7 @@ def main() -> int:
           f"of {head_dim}")  # fmt: skip
     print(f"{'tokens':>7}{'score ms':>10}{'select ms':>10}{'decode row ms':>14}{'TTFT s':>8}"
           f"{'scoring / TTFT':>16}")  # fmt: skip
+    rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         w = min(config.window, length)
         queries = mx.random.normal((1, heads, w, head_dim))
@@ -81,8 +84,13 @@ def main() -> int:
         )
         boundaries = len(schedule.boundaries)
         share = boundaries * (score_s + select_s) / ttft
+        rows.append(dict(tokens=length, score_s=score_s, select_s=select_s, decode_row_s=row_s,
+                         ttft=ttft, boundaries=boundaries, share_of_ttft=share))  # fmt: skip
         print(f"{length:>7}{score_s * 1e3:>10.2f}{select_s * 1e3:>10.2f}{row_s * 1e3:>14.3f}"
               f"{ttft:>8.2f}{share:>16.2%}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(command=vars(args), schedule=config.to_string(), rows=rows), f, indent=1)
     return 0
 
 
