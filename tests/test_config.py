@@ -3,7 +3,7 @@
 from dataclasses import replace
 
 from lazyllm_mlx import LazyConfig, default_schedule
-from lazyllm_mlx.config import Schedule, as_config
+from lazyllm_mlx.config import PRESETS, Schedule, as_config
 from lazyllm_mlx.generate import resolve_schedule
 
 import pytest
@@ -20,6 +20,19 @@ def test_presets():
     assert safe.prefill_fraction(1024) > default.prefill_fraction(1024)
     with pytest.raises(ValueError, match="Unknown LazyLLM preset 'fastest'"):
         LazyConfig.preset("fastest")
+
+
+def test_every_calibration_is_a_valid_schedule_ordered_by_how_hard_it_prunes():
+    from lazyllm_mlx.config import CALIBRATED
+
+    assert CALIBRATED  # the real models we measure have theirs
+    for (model_type, layers, *_), table in CALIBRATED.items():
+        assert set(table) <= set(PRESETS) - {"none", "paper"}, model_type
+        configs = {name: LazyConfig.parse(text) for name, text in table.items()}
+        fraction = {n: c.resolve(layers).prefill_fraction(2048) for n, c in configs.items()}
+        order = [n for n in ("fast", "default", "safe") if n in fraction]
+        assert [fraction[n] for n in order] == sorted(fraction[n] for n in order), model_type
+        assert all(c.min_prompt_tokens >= 256 and c.revive for c in configs.values())
 
 
 def test_one_line_syntax_round_trips():

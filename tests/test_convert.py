@@ -210,7 +210,7 @@ def test_bad_arguments(tmp_path, gguf_files):
     with pytest.raises(ValueError, match="is the source model"):
         convert(tmp_path, tmp_path, overwrite=True)
     with pytest.raises(ValueError, match="Unknown LazyLLM preset|Bad schedule"):
-        convert(gguf_files["llama"], tmp_path / "out", schedule="fast")
+        convert(gguf_files["llama"], tmp_path / "out", schedule="fastest")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -46,14 +46,15 @@ def test_paper_prunes_the_expected_fraction_and_still_answers(smollm2, question_
     assert "Edgar" in text
 
 
-def test_the_calibrated_default_prunes_its_fraction_and_still_answers(smollm2, question_prompt):
+@pytest.mark.parametrize("preset", ["default", "fast"])
+def test_the_calibrations_prune_their_fraction_and_still_answer(smollm2, question_prompt, preset):
     model, _, _ = smollm2
     from lazyllm_mlx.generate import for_model
 
-    calibration = for_model("default", model)
-    assert calibration.window > 1 and calibration != LazyConfig.preset("default")
-    _, text, last = run(smollm2, question_prompt, "default")
+    calibration = for_model(preset, model)
+    assert calibration.window > 1 and calibration != LazyConfig.preset(preset)
+    _, text, last = run(smollm2, question_prompt, preset)
     n = len(question_prompt)
     assert last.lazy.prefill_fraction == pytest.approx(calibration.resolve(30).prefill_fraction(n))
-    assert last.lazy.prefill_fraction < 0.5
+    assert last.lazy.prefill_fraction < 0.7
     assert "Edgar" in text
