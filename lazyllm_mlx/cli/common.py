@@ -187,7 +187,7 @@ def schedule_text(text: str) -> str:
     """argparse type: a schedule string; an empty one is a mistake, not 'none'."""
     if not text.strip():
         raise argparse.ArgumentTypeError(
-            "the schedule is empty: give a preset (none, paper, default, safe), 'off' or "
+            "the schedule is empty: give a preset (none, paper, default, fast, safe), 'off' or "
             "'boundary:keep,...'"
         )
     return text

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_schedule_argument(
         parser,
-        "LazyLLM schedule: a preset (none, paper, default, safe), 'off' for plain mlx-lm, or "
+        "LazyLLM schedule: a preset (none, paper, default, fast, safe), 'off' for plain mlx-lm, or "
         "'boundary:keep,...[;min=N][;norevive]' e.g. 0.3:0.7,0.6:0.7 (depth fractions) or "
         "9:0.7,18:0.5 (layers).",
     )
@@ -184,6 +184,7 @@ def run_once(
     last, stats = run.last, run.last.lazy
     return dict(
         schedule=lazy.to_string() if lazy is not None else "baseline",
+        preset=lazy.name if lazy is not None else None,
         text=run.text,
         tokens=run.generated_tokens,  # the EOS token is reported, not generated text
         ttft=last.ttft,
@@ -234,7 +235,8 @@ def print_comparison(base: dict, lazy: dict, agree: dict, unpruned: str | None =
         print(f"{'TTFT speed-up':<22}{'':>14}{speedup:>14}")
     else:
         print(f"{'TTFT speed-up':<22}{'':>14}{'none':>14}")
-    print(f"schedule: {lazy['schedule']}   (* baseline computes every token at every layer)")
+    named = f"{lazy['preset']} = " if lazy.get("preset") else ""
+    print(f"schedule: {named}{lazy['schedule']}   (* baseline computes every token at every layer)")
     if unpruned is not None:
         print(
             f"nothing was pruned: {unpruned}; both runs did the same work, so their TTFT "
