@@ -63,3 +63,25 @@ def test_paper_prunes_the_expected_fraction(gemma, prompt):
         counts[k] for k, stage in enumerate(schedule.stages) for _ in stage
     ]
     assert len(tokens) == 12 and last.lazy.decode_steps >= 11
+
+
+def test_the_calibrated_default_prunes_its_fraction_and_still_answers(gemma):
+    from lazyllm_mlx import default_schedule
+    from lazyllm_mlx.generate import for_model
+
+    model, tokenizer = gemma
+    calibration = for_model("default", model)
+    assert calibration.window > 1 and default_schedule(model) == calibration
+    filler = topics.topics["assert"] + topics.topics["pass"] + topics.topics["del"]
+    half = len(filler) // 2
+    fact = "The name of the lighthouse keeper is Edgar Lindqvist."
+    question = "Question: What is the name of the lighthouse keeper?"
+    # this GGUF has no chat template: a completion
+    prompt = tokenizer.encode(
+        f"{filler[:half]}\n{fact}\n{filler[half:]}\n\n{question}\nAnswer: The keeper is"
+    )
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens=12, lazy="default"))
+    last, n = responses[-1], len(prompt)
+    assert last.lazy.prefill_fraction == pytest.approx(calibration.resolve(18).prefill_fraction(n))
+    assert last.lazy.prefill_fraction < 0.5
+    assert "Edgar" in "".join(r.text for r in responses)
