@@ -57,9 +57,12 @@ def calibrated(config: LazyConfig, architecture: tuple) -> LazyConfig:
     """`config` as it applies to a model: a preset the model has a calibration of becomes that
     calibration, with the options given after the preset (`default;norevive`)."""
     table = CALIBRATED.get(tuple(architecture), {})
-    if config.from_preset not in table:
+    preset = config.from_preset
+    if preset == "fast" and "fast" not in table:
+        preset = "default"  # nothing measured prunes harder: never slower than its default
+    if preset not in table:
         return config
-    text = ";".join([table[config.from_preset], *config.preset_options])
+    text = ";".join([table[preset], *config.preset_options])
     return replace(LazyConfig.parse(text), name=config.name, from_preset=None, preset_options=())
 
 

@@ -120,6 +120,7 @@ def test_a_model_with_a_calibration_runs_it_for_that_preset(monkeypatch):
     assert for_model("default;w=8", llama).window == 8  # options after the preset still apply
     assert for_model("safe", llama) == LazyConfig.parse("2:0.3;w=4")
     assert for_model("paper", llama) == LazyConfig.preset("paper")  # no calibration of it
+    assert for_model("fast", llama) == calibrated  # none prunes harder than its default
     assert for_model("default", qwen) == LazyConfig.preset("default")  # another architecture
     assert for_model("0.5:0.6,0.75:0.6", llama) == LazyConfig.parse("0.5:0.6,0.75:0.6")
     # resolved once: a copy with other options is not resolved again
