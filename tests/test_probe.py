@@ -1,5 +1,7 @@
 """The retrieval probe: its ranking is the engine's first boundary, its recall counts right."""
 
+import json
+
 import lazyllm_mlx  # noqa: F401
 from lazyllm_mlx import LazyConfig, make_lazy_cache
 from lazyllm_mlx.cli import main
@@ -97,7 +99,9 @@ def test_probe_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "256-token prompts" in text and "keep 0.5" in text
-    assert out.read_text().startswith("{")
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("lazyllm-mlx probe --lengths 256 --num 1")
+    assert "--keeps 0.5" in report["command"]
 
 
 @pytest.mark.parametrize("flag", [["--keeps", "0"], ["--keeps", "abc"], ["--lengths", "x"]])

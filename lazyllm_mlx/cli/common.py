@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -271,3 +272,19 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
                 default = ",".join(map(str, default))
             text += f" (default: {default})"
         return text
+
+
+def command_line(args: argparse.Namespace, command: str = "eval") -> str:
+    """The command as a shell line, rebuilt from the parsed arguments (for the report)."""
+    words = ["lazyllm-mlx", command]
+    for key, value in vars(args).items():
+        if key == "command" or value is None or value is False:
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            words.append(",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value))
+        elif isinstance(value, list):
+            words += value
+        elif value is not True:
+            words.append(str(value))
+    return shlex.join(words)

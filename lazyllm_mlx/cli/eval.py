@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,14 @@ from ..evals.baselines import BaselineStore
 from ..evals.run import best_schedule, evaluate
 from ..evals.tasks import TASKS
 from ..loading import load
-from .common import add_model_argument, int_list, model_label, output_file, stderr_log
+from .common import (
+    add_model_argument,
+    command_line,
+    int_list,
+    model_label,
+    output_file,
+    stderr_log,
+)
 
 # Calibration grid: the paper's stage layout at several keeps, an earlier / later first cut, and
 # the `default` layout (a first half unpruned) at a milder and its own keep.
@@ -221,19 +227,3 @@ def write_json(path: str, report: dict[str, Any]) -> None:
     temporary = target.with_name(f".{target.name}.partial")
     temporary.write_text(json.dumps(report, indent=1), encoding="utf-8")
     os.replace(temporary, target)
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command as a shell line, rebuilt from the parsed arguments (for the report)."""
-    words = ["lazyllm-mlx", "eval"]
-    for key, value in vars(args).items():
-        if key == "command" or value is None or value is False:
-            continue
-        words.append("--" + key.replace("_", "-"))
-        if key == "lengths":
-            words.append(",".join(map(str, value)))
-        elif isinstance(value, list):
-            words += value
-        elif value is not True:
-            words.append(str(value))
-    return shlex.join(words)

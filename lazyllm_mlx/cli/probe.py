@@ -11,6 +11,7 @@ from ..evals.probe import PROBE_TASKS, probe, suggest
 from ..loading import load
 from .common import (
     add_model_argument,
+    command_line,
     fraction_list,
     int_list,
     model_label,
@@ -91,6 +92,6 @@ def run(args: argparse.Namespace) -> int:
         print_report(report, args.target)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dict(model=model_label(args.model), tasks=list(PROBE_TASKS),
-                           reports=reports), f, indent=1)  # fmt: skip
+            json.dump(dict(model=model_label(args.model), command=command_line(args, "probe"),
+                           tasks=list(PROBE_TASKS), reports=reports), f, indent=1)  # fmt: skip
     return 0
