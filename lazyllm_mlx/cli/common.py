@@ -145,43 +145,35 @@ def read_text_file(path: str, flag: str) -> str:
         raise ValueError(f"{flag} {path} cannot be read: {error.strerror}.") from None
 
 
-def _number(text: str, kind: type, what: str) -> Any:
+def _number(text: str, kind: type, what: str, ok: Callable[[Any], bool]) -> Any:
+    """`text` as a `kind` for which ok(value) holds; else the argparse error "expected {what}"."""
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
+        value = None
+    if value is None or not ok(value):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a number >= 0."""
-    value = _number(text, float, "a number >= 0")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _number(text, float, "a number >= 0", lambda v: 0 <= v < float("inf"))
 
 
 def unit_float(text: str) -> float:
     """argparse type: a number in [0, 1]."""
-    value = _number(text, float, "a number between 0 and 1")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    return value
+    return _number(text, float, "a number between 0 and 1", lambda v: 0 <= v <= 1)
 
 
 def schedule_text(text: str) -> str:
@@ -239,10 +231,7 @@ def output_folder(text: str) -> str:
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 0 (any free one) to 65535."""
-    value = _number(text, int, "a port number")
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return value
+    return _number(text, int, "a port number 0-65535", lambda v: 0 <= v <= 65535)
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([KMG]?)B?\s*", re.IGNORECASE)
