@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
+
+from lazyllm_mlx.evals.scores import paired_accuracy_delta
 
 
 def instances(report: dict, method: str) -> dict:
@@ -43,14 +44,9 @@ def main() -> int:
         cont = statistics.fmean(runs[k].get("continuation", 1.0) for k in keys)
         print(f"{name:<10}" + "".join(f"{s:>9.1f}" for s in scores)
               + f"{statistics.fmean(scores):>8.1f}{cont:>8.0%}")  # fmt: skip
-    means, errors = [], []
-    for ks in tasks.values():
-        diffs = [100 * (norevive[k]["score"] - revive[k]["score"]) for k in ks]
-        means.append(statistics.fmean(diffs))
-        errors.append(statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0)
-    se = math.sqrt(sum(e * e for e in errors)) / len(errors)
+    delta, se = paired_accuracy_delta([norevive[k] for k in keys], [revive[k] for k in keys])
     same = sum(norevive[k]["output"] == revive[k]["output"] for k in keys)
-    print(f"norevive - revive: {statistics.fmean(means):+.1f} ± {se:.1f} points (paired, "
+    print(f"norevive - revive: {delta:+.1f} ± {se:.1f} points (paired, "
           f"task-averaged); identical outputs {same} of {len(keys)}")  # fmt: skip
     return 0
 
