@@ -23,7 +23,7 @@ from lazyllm_mlx.evals.measure import generate_once, warm_up
 from lazyllm_mlx.evals.sources import real_text_tokens
 from lazyllm_mlx.families import family_of
 from lazyllm_mlx.generate import for_model
-from lazyllm_mlx.pruning import combine_heads, pool_by_position, select_top, window_probabilities
+from lazyllm_mlx.pruning import pool_by_position, select_top, window_attention, window_probabilities
 
 import mlx.core as mx
 
@@ -66,10 +66,9 @@ def main() -> int:
         keys = mx.random.normal((1, kv_heads, length, head_dim))
         positions = mx.arange(length, dtype=mx.int32)
 
-        def score(q=queries, k=keys, p=positions, w=w, length=length):
-            rows = window_probabilities(q, k, scale, p[-w:], p)
-            return pool_by_position(combine_heads(rows.mean(axis=0), config.heads), p,
-                                    config.pool, length)  # fmt: skip
+        def score(q=queries, k=keys, p=positions, w=w, n=length, allowed=None):
+            ranked = window_attention(q, k, scale, p[-w:], p, allowed, config.heads)
+            return pool_by_position(ranked, p, config.pool, n)
 
         scores = score()
         count = max(1, round(schedule.keep[0] * length)) if schedule.keep else length
@@ -78,14 +77,8 @@ def main() -> int:
         row_s = timed(lambda q=queries, k=keys, p=positions: window_probabilities(
             q[..., -1:, :], k, scale, p[-1:], p))  # fmt: skip
         # A later boundary ranks a masked selection: its window's rows are recomputed each step.
-        allowed = mx.arange(length) % 2 == 0
-
-        def masked(q=queries, k=keys, p=positions, a=allowed, w=w, n=length):
-            rows = window_probabilities(q, k, scale, p[-w:], p, a)
-            return pool_by_position(combine_heads(rows.mean(axis=0), config.heads), p,
-                                    config.pool, n)  # fmt: skip
-
-        masked_s = timed(masked)
+        half = mx.arange(length) % 2 == 0
+        masked_s = timed(lambda f=score, a=half: f(allowed=a))
         tokens = real_text_tokens(tokenizer, length)
         warm_up(model, tokenizer, tokens, [config])
         ttft = statistics.median(
