@@ -24,9 +24,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import LazyConfig, as_config, calibrated
+from .config import LazyConfig, as_config
 from .default_model import default_model_path
-from .families import architecture_of, check_supported, model_type_of
+from .families import check_supported, model_type_of
+from .generate import for_model
 from .gguf.loader import GGUF_DEFAULT_DTYPE
 from .loading import cast_floating, load_source
 from .quantization_check import check_quantization
@@ -83,7 +84,7 @@ def convert(
     model, tokenizer, config, src = _load_source(source, dtype, revision, trust_remote_code, show)
     if lazy is not None:
         check_supported(model_type_of(model))
-        lazy = calibrated(lazy, architecture_of(model))  # a preset as it applies to this model
+        lazy = for_model(lazy, model)  # a preset as it applies to this model
         lazy.resolve(len(model.layers))  # raises if the schedule does not fit this model
         config["lazyllm"] = lazy.to_dict()
 
