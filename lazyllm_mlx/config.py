@@ -19,10 +19,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same layout, keeping more: within 1 point of the baseline on both SmolLM2 and Gemma 3
     # 270M (10 and 8 prompts per task, 1K tokens), where `default` loses points on Gemma.
     "safe": dict(boundaries=(0.5, 0.75), keep=(0.8, 0.7), min_prompt_tokens=256),
-    # Prunes harder where a model has a calibration of it (CALIBRATED); elsewhere, with nothing
-    # measured to prune harder safely, the same as `default`.
-    "fast": dict(boundaries=(0.5, 0.75), keep=(0.6, 0.6), min_prompt_tokens=256),
 }
+# Prunes harder where a model has a calibration of it (CALIBRATED); elsewhere, with nothing
+# measured to prune harder safely, the same as `default`.
+PRESETS["fast"] = dict(PRESETS["default"])
 
 # The preset a family runs when no schedule is given or stored and its model has no calibrated
 # `default` (CALIBRATED), where measurement chose another: Gemma 3 270M lost 8-12 points with the
