@@ -218,6 +218,8 @@ class ObservedQueries:
         self.queries: mx.array | None = None  # (1, H, size, D)
         self.rows: mx.array | None = None
         self.rows_end = 0
+        self.added = 0  # queries ever added (arrival order; the window holds the last `size`)
+        self.kept = None  # a later boundary's kept_weights.KeptWeights, made by the engine
 
     @property
     def size(self) -> int:
@@ -225,6 +227,7 @@ class ObservedQueries:
 
     def extend(self, positions: mx.array, queries: mx.array) -> None:
         """Add queries (1, H, n, D) of tokens after every held one; keep the last `width`."""
+        self.added += queries.shape[2]
         if self.queries is not None:
             positions = mx.concatenate([self.positions, positions])
             queries = mx.concatenate([self.queries, queries], axis=2)
@@ -257,6 +260,8 @@ class ObservedQueries:
 
     def keep_before(self, position: int) -> None:
         held = int((self.positions < position).sum().item())
+        self.added -= self.size - held
+        self.kept = None
         self.positions = self.positions[:held]
         self.queries = None if held == 0 else self.queries[..., :held, :]
         self.forget_rows()

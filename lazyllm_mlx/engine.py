@@ -25,6 +25,7 @@ import mlx.core as mx
 from .cache import LazyCache, ObservedQueries, StageStore
 from .config import boundary_count
 from .families import Family
+from .kept_weights import KeptWeights
 from .pruning import (
     always_kept,
     combine_heads,
@@ -148,7 +149,9 @@ def _score(
     Unselected keys are masked out of the softmax (head averages depend on the normalisation)
     and rank below every selected key. rows_kept: the keys are every position before
     view.key_end, in order, only ever appended to (the first stage): each query's attention row
-    is computed once and kept in the window (a decode step computes one row, not W).
+    is computed once and kept in the window (a decode step computes one row, not W). A masked
+    selection over a later stage's entries (decoding) keeps unnormalised weights instead
+    (kept_weights): a step adds the new query's row and the new entries' columns.
     """
     config = cache.config
     if config.selection == "random":  # reference method: same counts, no information
@@ -168,6 +171,13 @@ def _score(
         )
         summed = window.put_rows(end, rows, cache.position_capacity)
         scores = combine_heads(summed / min(window.width, end), config.heads)
+    elif keys_allowed is not None and view.keys_at is None:  # a decode step's masked selection
+        if window.kept is None:
+            window.kept = KeptWeights(window.width)
+        per_head = window.kept.per_head_scores(
+            window, view.fetched_keys, key_pos, keys_allowed, scale
+        )
+        scores = combine_heads(per_head, config.heads)
     else:
         rows = window_probabilities(
             window.queries, view.fetched_keys, scale, window.positions, key_pos, keys_allowed

@@ -49,17 +49,23 @@ def window_probabilities(
     sees the keys at or before its position (and in `allowed`, an optional (N,) bool mask); a key
     it does not see gets 0.
     """
-    _, n_heads, width, head_dim = queries.shape
-    n_kv = keys.shape[1]
-    q = queries.reshape(1, n_kv, n_heads // n_kv, width, head_dim).astype(mx.float32) * scale
-    k = keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)  # (1, Hkv, 1, D, N)
-    logits = q @ k  # (1, Hkv, rep, W, N)
+    logits = attention_logits(queries, keys, scale)
     visible = key_pos[None, :] <= query_pos[:, None]
     if allowed is not None:
         visible = visible & allowed[None, :]
     probs = mx.softmax(mx.where(visible, logits, _HIDDEN), axis=-1)
     probs = mx.where(visible, probs, 0.0)  # a query seeing no key adds nothing
-    return probs.reshape(n_heads, width, -1).swapaxes(0, 1)
+    return probs.swapaxes(0, 1)
+
+
+def attention_logits(queries: mx.array, keys: mx.array, scale: float) -> mx.array:
+    """Scaled dot products of W queries (1, H, W, D) with N keys (1, Hkv, N, D), each query head
+    against its own KV head (GQA): (H, W, N) float32."""
+    _, n_heads, width, head_dim = queries.shape
+    n_kv = keys.shape[1]
+    q = queries.reshape(1, n_kv, n_heads // n_kv, width, head_dim).astype(mx.float32) * scale
+    k = keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)  # (1, Hkv, 1, D, N)
+    return (q @ k).reshape(n_heads, width, -1)
 
 
 def combine_heads(per_head: mx.array, heads: str) -> mx.array:

@@ -17,11 +17,13 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
 import lazyllm_mlx.engine as engine
-from lazyllm_mlx import LazyConfig, LazyStats, generate_step, load
+from lazyllm_mlx import LazyStats, generate_step, load
 from lazyllm_mlx.evals.sources import real_text_tokens
+from lazyllm_mlx.generate import for_model
 
 import mlx.core as mx
 
@@ -177,8 +179,8 @@ def main() -> None:
     model, tokenizer = load(args.model)
     prompt = mx.array(real_text_tokens(tokenizer, args.tokens))
     num_layers = len(model.layers)
-    revive = LazyConfig.parse(args.schedule)
-    norevive = LazyConfig.parse(args.schedule + ";norevive")
+    revive = for_model(args.schedule, model)  # a preset as calibrated for this model
+    norevive = replace(revive, revive=False)
     runs = {"baseline": None, "revival": revive, "norevive": norevive}
     for lazy in runs.values():  # warm-up
         timed_steps(model, prompt[:256], lazy, 4)
