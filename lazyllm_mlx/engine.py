@@ -37,6 +37,10 @@ from .pruning import (
 )
 from .rope import Recorder
 
+# Decoding: each layer's output goes to the device as soon as its graph is built, so the host
+# builds the next layer while the device computes it. Revival's host sync at every boundary stops
+# mlx-lm's one-step-ahead pipelining; this keeps host and device overlapped within a step.
+_EVAL_EACH_LAYER = True
 _FAR = 1 << 30  # added to positions to sort "not wanted" entries last
 
 
@@ -276,6 +280,8 @@ def _run_stage(
             rope = family.ropes[layer_index]
             rope.recorder = Recorder() if observing and at_scorer else None
             x = family.layers[layer_index](x, masks[window, begin], cache=view)
+            if _EVAL_EACH_LAYER and on_chunk is None:
+                mx.async_eval(x)
             if rope.recorder is not None:
                 tail = c1 - max(c0, observed_from)
                 _observe(family, layer_index, rope.recorder, observed, query_pos, tail)
