@@ -131,6 +131,10 @@ class LazyConfig:
     revive_top: with revival, a pruned token the selection wants back is revived only if it ranks
         in the top `revive_top` fraction of the boundary's selection; the others stay pruned for
         that step (1.0: LazyLLM's rule, every selected token). Fewer revivals, cheaper decoding.
+    revive_margin: with revival, tokens that already have KV at a stage rank with their score
+        multiplied by 1 + revive_margin, so a pruned token displaces one only when it scores that
+        much higher (0: LazyLLM's rule). The selection then churns less between decode steps at
+        its margin, where every token that comes in must be computed.
     min_prompt_tokens: contexts shorter than this are not pruned at all (pruning would not pay).
     selection: "attention" (ranked by attention) or "random" (a reference method for evaluations:
         the same counts, tokens drawn at random).
@@ -148,6 +152,7 @@ class LazyConfig:
     keep: tuple[float, ...] = ()
     revive: bool = True
     revive_top: float = 1.0
+    revive_margin: float = 0.0
     min_prompt_tokens: int = 0
     selection: str = "attention"
     window: int = 1
@@ -176,7 +181,8 @@ class LazyConfig:
     def parse(cls, text: str) -> LazyConfig:
         """A preset name or `boundary:keep,...`, then options separated by `;`.
 
-        Options: `min=N`, `norevive`, `revive=F` (revive_top), `random`, and the ranking rule's
+        Options: `min=N`, `norevive`, `revive=F` (revive_top), `margin=F` (revive_margin),
+        `random`, and the ranking rule's
         `w=N` (observation window), `pool=N`, `heads=mean|max`, `sink=N`, `recent=N`. Examples:
         `paper`,
         `0.3:0.7,0.6:0.7,0.9:0.7` (fractions of the depth), `9:0.7,18:0.5;min=512` (layer
@@ -200,6 +206,8 @@ class LazyConfig:
                 kwargs["heads"] = value.strip()
             elif sep and key == "revive":
                 kwargs["revive_top"] = _parse_number(value, text)
+            elif sep and key == "margin":
+                kwargs["revive_margin"] = _parse_number(value, text)
             elif sep and key in _INT_OPTIONS:
                 kwargs[_INT_OPTIONS[key]] = _parse_int(value, option, text)
             else:
@@ -218,6 +226,8 @@ class LazyConfig:
             items += f";heads={self.heads}"
         if self.revive_top != defaults.revive_top:
             items += f";revive={self.revive_top:g}"
+        if self.revive_margin != defaults.revive_margin:
+            items += f";margin={self.revive_margin:g}"
         if not self.revive:
             items += ";norevive"
         if self.selection != "attention":
@@ -273,6 +283,8 @@ class LazyConfig:
                 f"revive must be a fraction in (0, 1] of a boundary's selection, not "
                 f"{self.revive_top:g}."
             )
+        if not 0.0 <= self.revive_margin < math.inf:
+            raise ValueError(f"margin must be a number >= 0, not {self.revive_margin:g}.")
         if self.sink < 0 or self.recent < 0:
             raise ValueError("sink and recent must be >= 0 tokens.")
 

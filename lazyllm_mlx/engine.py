@@ -373,13 +373,17 @@ def _select_and_revive(
     # Masked-out candidates score -1 and the always-kept tokens are among the candidates.
     candidates = ranked.candidates
     forced = _always_kept(cache, candidates, end)
-    selected = candidates[select_top(ranked.scores, count, forced)]
+    scores = ranked.scores
+    if cache.config.revive_margin:  # what is computed at this stage holds its place
+        held = store.index_of[candidates] >= 0
+        scores = mx.where(held, scores * (1.0 + cache.config.revive_margin), scores)
+    selected = candidates[select_top(scores, count, forced)]
 
     in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
     in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
     missing = store.index_of[selected] < 0
     from_aux = missing & (in_flight_row[selected] < 0)
-    skipped = _not_revived(cache, ranked.scores, candidates, count, forced, selected, from_aux, end)
+    skipped = _not_revived(cache, scores, candidates, count, forced, selected, from_aux, end)
     is_selected = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
     is_selected[selected] = ~skipped
     missing, from_aux = missing & ~skipped, from_aux & ~skipped

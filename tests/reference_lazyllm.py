@@ -109,7 +109,13 @@ class ReferenceLazyLLM:
             if k > 0 and revive:
                 forced = self.schedule.forced_count(self.length)
                 keep = boundary_count(len(attend), self.schedule.keep[k - 1], forced)
-                ranked = sorted(attend, key=lambda p: (self._always(p), scores[p]), reverse=True)
+                held = self.kv[stage[0]]
+                gain = 1.0 + self.rule.revive_margin  # computed tokens hold their place
+                ranked = sorted(
+                    attend,
+                    key=lambda p: (self._always(p), scores[p] * (gain if p in held else 1.0)),
+                    reverse=True,
+                )
                 selected = sorted(ranked[:keep])
                 if self.rule.revive_top < 1.0:  # pruned tokens come back only from the top share
                     top = max(math.ceil(self.rule.revive_top * keep), min(keep, forced))

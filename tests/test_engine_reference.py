@@ -63,6 +63,8 @@ RULES = [
     "2:0.6,6:0.5;w=20;heads=max;sink=3;recent=24",
     "2:0.5,5:0.6,8:0.5;w=4;pool=3;revive=0.3",  # pruned tokens revived only from the top 30 %
     "4:0.3;w=2;heads=max;revive=0.5",
+    "2:0.5,5:0.6,8:0.5;w=4;pool=3;margin=0.5",  # computed tokens hold their place
+    "paper;margin=2",
 ]
 
 
@@ -133,3 +135,19 @@ def test_revival_from_the_top_share_revives_fewer_tokens():
         stats = prefill_and_decode_against(reference, family, cache, random_prompt(40), True)
         revived[top] = stats.revived
     assert revived[""] > revived[";revive=0.2"]
+
+
+def test_a_revival_margin_revives_fewer_tokens():
+    """margin=F: tokens computed at a stage hold their place against pruned ones scoring up to
+    1 + F times higher, so decoding revives (and computes) fewer tokens than LazyLLM's rule."""
+    model = tiny_model("llama", num_hidden_layers=10)
+    family, prompt = family_of(model), random_prompt(40)
+    revived = {}
+    for margin in ("", ";margin=1"):
+        config = LazyConfig.parse("2:0.5,5:0.6,8:0.5;w=4;pool=3" + margin)
+        cache = make_lazy_cache(model, config)
+        reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
+        stats = prefill_and_decode_against(reference, family, cache, prompt, revive=True)
+        revived[margin] = (stats.revived, stats.decode_token_layers)
+    assert revived[""][0] > revived[";margin=1"][0]
+    assert revived[""][1] > revived[";margin=1"][1]
