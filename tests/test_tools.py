@@ -6,6 +6,7 @@ from pathlib import Path
 from lazyllm_mlx import LazyConfig
 from lazyllm_mlx.config import as_config
 
+import mlx.core as mx
 import pytest
 from tiny_models import random_prompt, tiny_model
 
@@ -110,3 +111,10 @@ def test_benchmarks_md_tables():
     assert lines[-1] == (
         "| `paper` | 0.700 | 50.0 | 50.0 | -50.0 ± 50.0 | 50 % | 50 % | 0.100 | 50 % | 1.60 |"
     )
+
+
+def test_scoring_cost_times_a_kept_weights_step():
+    scoring = tool("scoring_cost")
+    queries = mx.random.normal((1, 4, 8, 16))
+    seconds = scoring.kept_step_time(queries, kv_heads=2, head_dim=16, length=100, scale=0.25)
+    assert 0 < seconds < 5
