@@ -118,3 +118,18 @@ def test_scoring_cost_times_a_kept_weights_step():
     queries = mx.random.normal((1, 4, 8, 16))
     seconds = scoring.kept_step_time(queries, kv_heads=2, head_dim=16, length=100, scale=0.25)
     assert 0 < seconds < 5
+
+
+def test_plot_frontier_merges_methods_of_reports_on_the_same_prompts():
+    merge = tool("plot_frontier").merge
+
+    def report(methods, num=4, length=4096):
+        rows = [dict(length=length, method=m, accuracy=a) for m, a in methods]
+        return dict(model="m", tasks=["passkey"], num=num, seed=1, lengths=[length], results=rows)
+
+    first = report([("baseline", 50.0), ("default", 60.0)])
+    later = report([("baseline", 50.0), ("budget", 70.0)])
+    merged = merge([first, later])
+    assert sorted(r["method"] for r in merged["results"]) == ["baseline", "budget", "default"]
+    with pytest.raises(SystemExit, match="different prompts"):
+        merge([first, report([("budget", 70.0)], num=8)])

@@ -13,16 +13,28 @@ from lazyllm_mlx.evals.plots import plot_report
 
 
 def merge(reports: list[dict]) -> dict:
-    """The reports' rows in one report; a length measured twice keeps the later report's rows."""
+    """The reports' rows in one report. Reports of one length must share their prompts (tasks,
+    prompts per task, seed), so that every method's Δ pairs with the same baseline; a method
+    measured twice at a length keeps the later report's row."""
     models = {r["model"] for r in reports}
     if len(models) != 1:
         raise SystemExit(f"plot_frontier: the reports are of different models: {sorted(models)}")
     merged = dict(reports[0], results=[], lengths=[])
+    prompts: dict[int, tuple] = {}
     for report in reports:
+        same = (tuple(report["tasks"]), report["num"], report["seed"])
         for length in report["lengths"]:
-            merged["results"] = [r for r in merged["results"] if r["length"] != length]
-        merged["results"] += report["results"]
+            if prompts.setdefault(length, same) != same:
+                raise SystemExit(
+                    f"plot_frontier: two reports at {length} tokens ran different prompts "
+                    f"({prompts[length]} and {same}): their Δs pair with different baselines."
+                )
+        new = {(r["length"], r["method"]) for r in report["results"]}
+        merged["results"] = [
+            r for r in merged["results"] if (r["length"], r["method"]) not in new
+        ] + report["results"]
         merged["lengths"] = sorted({*merged["lengths"], *report["lengths"]})
+    merged["num_by_length"] = {length: same[1] for length, same in prompts.items()}
     return merged
 
 

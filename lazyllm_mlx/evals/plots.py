@@ -123,7 +123,8 @@ def plot_report(report: dict[str, Any], path: str) -> None:
                     label="1 / fraction (ideal)")  # fmt: skip
         top.axhline(0.0, color="black", linestyle=":", alpha=0.6)
         top.axhspan(-1.0, 1.0, color="black", alpha=0.06)
-        top.set_title(f"{length}-token prompts, {report.get('num', '?')} per task")
+        num = report.get("num_by_length", {}).get(length, report.get("num", "?"))
+        top.set_title(f"{length}-token prompts, {num} per task")
         top.set_ylabel("accuracy − baseline's (points, ± se)")
         bottom.set_ylabel("TTFT speed-up on this machine (×)")
         bottom.set_xlabel("prefill fraction (prompt token-layers computed)")
