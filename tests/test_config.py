@@ -37,7 +37,7 @@ def test_every_calibration_is_a_valid_schedule_ordered_by_how_hard_it_prunes():
 
 def test_one_line_syntax_round_trips():
     texts = ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive;random", "none"]
-    for text in [*texts, "8:0.4,18:0.5;w=64;pool=13;heads=max;sink=4;revive=0.25"]:
+    for text in [*texts, "8:0.4,18:0.5;w=64;pool=13;heads=max;sink=4;revive=0.25;margin=0.5"]:
         config = LazyConfig.parse(text)
         assert LazyConfig.parse(config.to_string()) == config
     config = LazyConfig.parse("9:0.7,18:0.5;min=512;norevive")
@@ -60,6 +60,8 @@ def test_one_line_syntax_round_trips():
         (dict(boundaries=(1.5,), keep=(0.5,)), "depth fraction in \\(0, 1\\)"),
         (dict(boundaries=(3,), keep=(0.5,), revive_top=0.0), "revive must be a fraction"),
         (dict(boundaries=(3,), keep=(0.5,), revive_top=1.5), "revive must be a fraction"),
+        (dict(boundaries=(3,), keep=(0.5,), revive_margin=-0.1), "margin must be a number"),
+        (dict(boundaries=(3,), keep=(0.5,), revive_margin=float("nan")), "margin must be a number"),
     ],
 )
 def test_invalid_schedules_are_refused(kwargs, message):
