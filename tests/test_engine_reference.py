@@ -122,32 +122,27 @@ def test_a_decode_step_runs_each_layer_once():
     assert stats.revived > 0 and calls == [4] * family.num_layers
 
 
-def test_revival_from_the_top_share_revives_fewer_tokens():
-    """revive=F skips the selected pruned tokens ranked below the top F of the selection: the
-    same prompt revives fewer tokens than with LazyLLM's rule (and the reference agrees)."""
-    model = tiny_model("llama", num_hidden_layers=10)
-    family = family_of(model)
-    revived = {}
-    for top in ("", ";revive=0.2"):
-        config = LazyConfig.parse("2:0.5,5:0.6,8:0.5;w=2" + top)
-        cache = make_lazy_cache(model, config)
-        reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
-        stats = prefill_and_decode_against(reference, family, cache, random_prompt(40), True)
-        revived[top] = stats.revived
-    assert revived[""] > revived[";revive=0.2"]
-
-
-def test_a_revival_margin_revives_fewer_tokens():
-    """margin=F: tokens computed at a stage hold their place against pruned ones scoring up to
-    1 + F times higher, so decoding revives (and computes) fewer tokens than LazyLLM's rule."""
+@pytest.mark.parametrize(
+    "rule, option",
+    [
+        # revive=F skips the selected pruned tokens ranked below the top F of the selection
+        ("2:0.5,5:0.6,8:0.5;w=2", ";revive=0.2"),
+        # margin=F: computed tokens hold their place against pruned ones scoring up to 1 + F
+        # times higher
+        ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";margin=1"),
+    ],
+)
+def test_options_that_revive_fewer_tokens(rule, option):
+    """The same prompt revives (and computes) fewer tokens than with LazyLLM's rule, and the
+    reference agrees step by step."""
     model = tiny_model("llama", num_hidden_layers=10)
     family, prompt = family_of(model), random_prompt(40)
     revived = {}
-    for margin in ("", ";margin=1"):
-        config = LazyConfig.parse("2:0.5,5:0.6,8:0.5;w=4;pool=3" + margin)
+    for extra in ("", option):
+        config = LazyConfig.parse(rule + extra)
         cache = make_lazy_cache(model, config)
         reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
         stats = prefill_and_decode_against(reference, family, cache, prompt, revive=True)
-        revived[margin] = (stats.revived, stats.decode_token_layers)
-    assert revived[""][0] > revived[";margin=1"][0]
-    assert revived[""][1] > revived[";margin=1"][1]
+        revived[extra] = (stats.revived, stats.decode_token_layers)
+    assert revived[""][0] > revived[option][0]
+    assert revived[""][1] > revived[option][1]
