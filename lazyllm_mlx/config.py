@@ -139,6 +139,13 @@ class LazyConfig:
         multiplied by 1 + revive_margin, so a pruned token displaces one only when it scores that
         much higher (0: LazyLLM's rule). The selection then churns less between decode steps at
         its margin, where every token that comes in must be computed.
+    revive_cap: with revival, at most this many pruned tokens come back at a boundary in one
+        decode step, the best-scoring first; the others stay pruned for that step and can come
+        back in a later one (None: no cap, LazyLLM's rule). Spreads deferred work over steps;
+        prefill chunks are not capped.
+    reselect_every: with revival, decode steps select afresh only every this many steps; in
+        between, each boundary keeps its last selection plus the new tokens: no scoring, no
+        revival, no host sync (1: every step, LazyLLM's rule). Revivals wait up to N - 1 steps.
     min_prompt_tokens: contexts shorter than this are not pruned at all (pruning would not pay).
     selection: "attention" (ranked by attention) or "random" (a reference method for evaluations:
         the same counts, tokens drawn at random).
@@ -157,6 +164,8 @@ class LazyConfig:
     revive: bool = True
     revive_top: float = 1.0
     revive_margin: float = 0.0
+    revive_cap: int | None = None
+    reselect_every: int = 1
     min_prompt_tokens: int = 0
     selection: str = "attention"
     window: int = 1
@@ -186,6 +195,7 @@ class LazyConfig:
         """A preset name or `boundary:keep,...`, then options separated by `;`.
 
         Options: `min=N`, `norevive`, `revive=F` (revive_top), `margin=F` (revive_margin),
+        `cap=N` (revive_cap), `every=N` (reselect_every),
         `random`, and the ranking rule's
         `w=N` (observation window), `pool=N`, `heads=mean|max`, `sink=N`, `recent=N`. Examples:
         `paper`,
@@ -289,6 +299,12 @@ class LazyConfig:
             )
         if not 0.0 <= self.revive_margin < math.inf:
             raise ValueError(f"margin must be a number >= 0, not {self.revive_margin:g}.")
+        if self.revive_cap is not None and self.revive_cap < 0:
+            raise ValueError(f"cap must be a whole number of tokens >= 0, not {self.revive_cap}.")
+        if self.reselect_every < 1:
+            raise ValueError(
+                f"every must be a whole number of steps >= 1, not {self.reselect_every}."
+            )
         if self.sink < 0 or self.recent < 0:
             raise ValueError("sink and recent must be >= 0 tokens.")
 
@@ -350,6 +366,8 @@ _INT_OPTIONS = {
     "pool": "pool",
     "sink": "sink",
     "recent": "recent",
+    "cap": "revive_cap",
+    "every": "reselect_every",
 }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import LazyCache, ObservedQueries, StageStore
+from .cache import LazyCache, ObservedQueries, StageStore, _grow_rows
 from .config import boundary_count
 from .families import Family
 from .kept_weights import KeptWeights
@@ -349,22 +349,40 @@ def _not_revived(
     count: int,
     forced: mx.array,
     selected: mx.array,
+    selected_scores: mx.array,
     from_aux: mx.array,
     end: int,
+    decoding: bool,
 ) -> mx.array:
     """Bool per selected token: wanted back from the aux cache but ranked below the config's
-    revive_top share of the selection, so it stays pruned this time (all False at 1.0)."""
-    top = cache.config.revive_top
-    if top >= 1.0:
-        return mx.zeros(selected.shape, dtype=mx.bool_)
-    n_top = max(math.ceil(top * count), min(count, cache.schedule.forced_count(end)))
-    eligible = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
-    eligible[candidates[select_top(scores, n_top, forced)]] = True
-    return from_aux & ~eligible[selected]
+    revive_top share of the selection, or (decoding) beyond its revive_cap best-scoring returns, so
+    it stays pruned this time (all False with neither). A prefill chunk brings back all it wants:
+    there the returns ride along with the chunk's own tokens."""
+    top, cap = cache.config.revive_top, cache.config.revive_cap
+    skipped = mx.zeros(selected.shape, dtype=mx.bool_)
+    if top < 1.0:
+        n_top = max(math.ceil(top * count), min(count, cache.schedule.forced_count(end)))
+        eligible = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
+        eligible[candidates[select_top(scores, n_top, forced)]] = True
+        skipped = from_aux & ~eligible[selected]
+    if decoding and cap is not None and cap < selected.shape[0]:
+        wanted = from_aux & ~skipped
+        within = mx.zeros(selected.shape, dtype=mx.bool_)
+        if cap:
+            best = mx.argpartition(-mx.where(wanted, selected_scores, -mx.inf), kth=cap - 1)
+            within[best[:cap]] = True
+        skipped = skipped | (wanted & ~within)
+    return skipped
 
 
 def _select_and_revive(
-    cache: LazyCache, k: int, flight: _InFlight, ranked: _StageResult, end: int, stats: LazyStats
+    cache: LazyCache,
+    k: int,
+    flight: _InFlight,
+    ranked: _StageResult,
+    end: int,
+    stats: LazyStats,
+    decoding: bool,
 ) -> tuple[_InFlight, _Attend]:
     """Boundary in the general case: select among what stage k-1 ranked, then gather what
     stage k must compute."""
@@ -377,13 +395,16 @@ def _select_and_revive(
     if cache.config.revive_margin:  # what is computed at this stage holds its place
         held = store.index_of[candidates] >= 0
         scores = mx.where(held, scores * (1.0 + cache.config.revive_margin), scores)
-    selected = candidates[select_top(scores, count, forced)]
+    chosen = select_top(scores, count, forced)
+    selected = candidates[chosen]
 
     in_flight_row = mx.full((cache.position_capacity,), -1, dtype=mx.int32)
     in_flight_row[flight.positions] = mx.arange(flight.count, dtype=mx.int32)
     missing = store.index_of[selected] < 0
     from_aux = missing & (in_flight_row[selected] < 0)
-    skipped = _not_revived(cache, scores, candidates, count, forced, selected, from_aux, end)
+    skipped = _not_revived(
+        cache, scores, candidates, count, forced, selected, scores[chosen], from_aux, end, decoding
+    )
     is_selected = mx.zeros((cache.position_capacity,), dtype=mx.bool_)
     is_selected[selected] = ~skipped
     missing, from_aux = missing & ~skipped, from_aux & ~skipped
@@ -449,19 +470,25 @@ def lazy_forward(
     attend, ranked = _Attend(), None
     end = first + count
     last_stage = len(cache.stages) - 1
+    reuse = decoding and selecting and _keeps_selection(cache)
+    held = []
     for k in range(len(cache.stages)):
         if k > 0 and selecting:
-            if fresh:
+            if reuse:
+                attend = _held_selection(cache, k, flight)
+            elif fresh:
                 flight = _prune_fresh(cache, k, flight, ranked.scores, end)
+                attend = _Attend()  # the stage stores exactly the selected tokens
             else:
-                flight, attend = _select_and_revive(cache, k, flight, ranked, end, stats)
+                flight, attend = _select_and_revive(cache, k, flight, ranked, end, stats, decoding)
+            held.append(attend)
         ranked = _run_stage(
             family,
             cache,
             k,
             flight,
             attend,
-            score=selecting and k < last_stage,
+            score=selecting and k < last_stage and not reuse,
             step_size=step_size,
             on_chunk=on_chunk if not decoding else None,
         )
@@ -474,12 +501,34 @@ def lazy_forward(
             stats.revival_token_layers += (flight.count - flight.new_count) * layers
             _add_per_layer(stats.prefill_tokens_per_layer, k, cache, flight.new_count)
     cache.offset += count
+    cache.held_selections = held
+    cache.steps_without_selection = cache.steps_without_selection + 1 if reuse else 0
     if decoding:
         stats.decode_steps += 1
     else:
         stats.prompt_tokens += count
         stats.pruned = stats.pruned or selecting
     return family.head(flight.hidden[:, -1:, :])[:, -1, :]
+
+
+def _keeps_selection(cache: LazyCache) -> bool:
+    """Whether this decode step keeps the boundaries' last selections (config.reselect_every)."""
+    every = cache.config.reselect_every
+    held = len(cache.held_selections) == len(cache.stages) - 1
+    return held and cache.steps_without_selection < every - 1
+
+
+def _held_selection(cache: LazyCache, k: int, flight: _InFlight) -> _Attend:
+    """Boundary k's last selection with the step's new tokens (all in flight) added."""
+    attend = cache.held_selections[k - 1]
+    if attend.selected is None:  # the stage stores exactly the selection
+        return attend
+    if attend.is_selected.shape[0] < cache.position_capacity:
+        attend.is_selected = _grow_rows(attend.is_selected, cache.position_capacity, 0, False)
+    attend.is_selected[flight.positions] = True
+    attend.count += flight.count
+    attend.gather = False  # a decode step's few queries attend through a mask
+    return attend
 
 
 def _planned_counts(cache: LazyCache, count: int, selecting: bool) -> list[int]:

@@ -41,6 +41,8 @@ class ReferenceLazyLLM:
         self.length = 0
         self.revived = 0
         self.selections: list[list[list[int]]] = []  # per call, per boundary: selected positions
+        self.held: list[list[int]] = []  # the last call's selections (reselect_every)
+        self.unselected = 0  # decode steps since the last selection
 
     def _layer(self, index, hidden, positions, attend):
         """Run layer `index` for tokens `positions` (hidden: (n, D)) attending to `attend`."""
@@ -97,7 +99,7 @@ class ReferenceLazyLLM:
             for a in attend
         }
 
-    def step(self, tokens: list[int], revive: bool = True) -> mx.array:
+    def step(self, tokens: list[int], revive: bool = True, decoding: bool = False) -> mx.array:
         start = self.length
         new = list(range(start, start + len(tokens)))
         self.length += len(tokens)
@@ -105,8 +107,16 @@ class ReferenceLazyLLM:
         hidden = dict(zip(new, self.model.model.embed_tokens(mx.array(tokens))))
         todo, attend = new, everyone
         selections = []
+        every = self.rule.reselect_every
+        held = self.held
+        reuse = decoding and revive and bool(held) and self.unselected < every - 1
         for k, stage in enumerate(self.schedule.stages):
-            if k > 0 and revive:
+            if k > 0 and revive and reuse:  # the last selection and the new tokens
+                selected = sorted(held[k - 1] + new)
+                selections.append(selected)
+                hidden = {p: hidden[p] for p in todo}
+                attend = selected
+            elif k > 0 and revive:
                 forced = self.schedule.forced_count(self.length)
                 keep = boundary_count(len(attend), self.schedule.keep[k - 1], forced)
                 held = self.kv[stage[0]]
@@ -126,8 +136,15 @@ class ReferenceLazyLLM:
                         for p in selected
                         if p in eligible or p in todo or p in self.kv[first_layer]
                     ]
-                selections.append(selected)
                 first_layer = stage[0]
+                if decoding and self.rule.revive_cap is not None:  # the best few come back per step
+                    returning = [
+                        p for p in selected if p not in todo and p not in self.kv[first_layer]
+                    ]
+                    returning.sort(key=lambda p: scores[p], reverse=True)
+                    left_out = set(returning[self.rule.revive_cap :])
+                    selected = [p for p in selected if p not in left_out]
+                selections.append(selected)
                 carried = {}
                 for p in todo:
                     if p in selected:
@@ -154,6 +171,8 @@ class ReferenceLazyLLM:
                 scores = self._scores(scorer, attend)
             hidden = dict(zip(todo, h))
         self.selections.append(selections)
+        self.held = selections
+        self.unselected = self.unselected + 1 if reuse else 0
         last = max(todo)
         out = self.model.model.norm(hidden[last][None])
         return self.model.model.embed_tokens.as_linear(out)

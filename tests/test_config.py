@@ -37,7 +37,10 @@ def test_every_calibration_is_a_valid_schedule_ordered_by_how_hard_it_prunes():
 
 def test_one_line_syntax_round_trips():
     texts = ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive;random", "none"]
-    for text in [*texts, "8:0.4,18:0.5;w=64;pool=13;heads=max;sink=4;revive=0.25;margin=0.5"]:
+    for text in [
+        *texts,
+        "8:0.4,18:0.5;w=64;pool=13;heads=max;sink=4;revive=0.25;margin=0.5;cap=8;every=4",
+    ]:
         config = LazyConfig.parse(text)
         assert LazyConfig.parse(config.to_string()) == config
     config = LazyConfig.parse("9:0.7,18:0.5;min=512;norevive")
@@ -62,6 +65,8 @@ def test_one_line_syntax_round_trips():
         (dict(boundaries=(3,), keep=(0.5,), revive_top=1.5), "revive must be a fraction"),
         (dict(boundaries=(3,), keep=(0.5,), revive_margin=-0.1), "margin must be a number"),
         (dict(boundaries=(3,), keep=(0.5,), revive_margin=float("nan")), "margin must be a number"),
+        (dict(boundaries=(3,), keep=(0.5,), revive_cap=-1), "cap must be a whole number"),
+        (dict(boundaries=(3,), keep=(0.5,), reselect_every=0), "every must be a whole number"),
     ],
 )
 def test_invalid_schedules_are_refused(kwargs, message):

@@ -24,7 +24,7 @@ def prefill_and_decode_against(reference, family, cache, prompt, revive: bool) -
     for _ in range(8):
         token = mx.argmax(logits, axis=-1)
         logits = lazy_forward(family, cache, token, stats, prune=revive, decoding=True)
-        expected = reference.step(token.tolist(), revive=revive)
+        expected = reference.step(token.tolist(), revive=revive, decoding=True)
         assert mx.abs(logits - expected).max().item() < 1e-4
         assert store_positions(cache) == [set(d) for d in reference.kv]
     return stats
@@ -65,6 +65,11 @@ RULES = [
     "4:0.3;w=2;heads=max;revive=0.5",
     "2:0.5,5:0.6,8:0.5;w=4;pool=3;margin=0.5",  # computed tokens hold their place
     "paper;margin=2",
+    "2:0.5,5:0.6,8:0.5;w=4;pool=3;cap=2",  # at most 2 pruned tokens back per boundary and pass
+    "4:0.3;w=2;revive=0.5;cap=1",
+    "2:0.5,6:0.5;w=4;margin=0.5;cap=0",
+    "2:0.5,5:0.6,8:0.5;w=4;pool=3;every=3",  # decode steps reselect every third step
+    "3:12,6:8;w=4;margin=0.5;every=2",
 ]
 
 
@@ -130,6 +135,10 @@ def test_a_decode_step_runs_each_layer_once():
         # margin=F: computed tokens hold their place against pruned ones scoring up to 1 + F
         # times higher
         ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";margin=1"),
+        # cap=N: at most N pruned tokens come back per boundary and forward pass
+        ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";cap=1"),
+        # every=N: decode steps in between keep the last selection (nothing revived there)
+        ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";every=4"),
     ],
 )
 def test_options_that_revive_fewer_tokens(rule, option):
