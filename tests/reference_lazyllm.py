@@ -108,13 +108,11 @@ class ReferenceLazyLLM:
         todo, attend = new, everyone
         selections = []
         every = self.rule.reselect_every
-        held = self.held
-        reuse = decoding and revive and bool(held) and self.unselected < every - 1
+        reuse = decoding and revive and bool(self.held) and self.unselected < every - 1
         for k, stage in enumerate(self.schedule.stages):
             if k > 0 and revive and reuse:  # the last selection and the new tokens
-                selected = sorted(held[k - 1] + new)
+                selected = sorted(self.held[k - 1] + new)
                 selections.append(selected)
-                hidden = {p: hidden[p] for p in todo}
                 attend = selected
             elif k > 0 and revive:
                 forced = self.schedule.forced_count(self.length)

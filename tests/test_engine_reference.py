@@ -65,7 +65,7 @@ RULES = [
     "4:0.3;w=2;heads=max;revive=0.5",
     "2:0.5,5:0.6,8:0.5;w=4;pool=3;margin=0.5",  # computed tokens hold their place
     "paper;margin=2",
-    "2:0.5,5:0.6,8:0.5;w=4;pool=3;cap=2",  # at most 2 pruned tokens back per boundary and pass
+    "2:0.5,5:0.6,8:0.5;w=4;pool=3;cap=2",  # at most 2 pruned tokens back per boundary and step
     "4:0.3;w=2;revive=0.5;cap=1",
     "2:0.5,6:0.5;w=4;margin=0.5;cap=0",
     "2:0.5,5:0.6,8:0.5;w=4;pool=3;every=3",  # decode steps reselect every third step
@@ -135,7 +135,7 @@ def test_a_decode_step_runs_each_layer_once():
         # margin=F: computed tokens hold their place against pruned ones scoring up to 1 + F
         # times higher
         ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";margin=1"),
-        # cap=N: at most N pruned tokens come back per boundary and forward pass
+        # cap=N: at most N pruned tokens come back per boundary and decode step
         ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";cap=1"),
         # every=N: decode steps in between keep the last selection (nothing revived there)
         ("2:0.5,5:0.6,8:0.5;w=4;pool=3", ";every=4"),
