@@ -470,7 +470,7 @@ def lazy_forward(
     attend, ranked = _Attend(), None
     end = first + count
     last_stage = len(cache.stages) - 1
-    reuse = decoding and selecting and _keeps_selection(cache)
+    reuse = decoding and selecting and decode_step_keeps_selection(cache)
     held = []
     for k in range(len(cache.stages)):
         if k > 0 and selecting:
@@ -511,7 +511,7 @@ def lazy_forward(
     return family.head(flight.hidden[:, -1:, :])[:, -1, :]
 
 
-def _keeps_selection(cache: LazyCache) -> bool:
+def decode_step_keeps_selection(cache: LazyCache) -> bool:
     """Whether this decode step keeps the boundaries' last selections (config.reselect_every)."""
     every = cache.config.reselect_every
     held = len(cache.held_selections) == len(cache.stages) - 1

@@ -21,7 +21,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
 from .config import LazyConfig, as_config, calibrated, family_default
-from .engine import LazyStats, lazy_forward
+from .engine import LazyStats, decode_step_keeps_selection, lazy_forward
 from .families import architecture_of, family_of, model_type_of
 
 Sampler = Callable[[mx.array], mx.array]
@@ -183,15 +183,17 @@ def generate_step(
     progress(0, total)
     y, logprobs = _step(prompt, decoding=False)
     mx.async_eval(y, logprobs)
-    # Decoding with revival waits on the host at every boundary, so computing the next step
-    # before handing out the current token (mlx-lm's one-step-ahead order) would only delay the
-    # token, the first one included. Then tokens are handed out first and fed right after.
-    ahead = not (prune and config.revive and cache.schedule.boundaries)
+    # A decode step that selects waits on the host at every boundary, so computing it before
+    # handing out the current token (mlx-lm's one-step-ahead order) would only delay the token,
+    # the first one included. Such a step is fed after the token is handed out; the others
+    # (no revival, or a step that keeps its selections: every=N) are computed ahead, as mlx-lm's.
+    selects = prune and config.revive and bool(cache.schedule.boundaries)
     unfed = None
     n = 0
     try:
         while True:
-            if ahead and n != max_tokens:
+            ahead = n != max_tokens and (not selects or decode_step_keeps_selection(cache))
+            if ahead:
                 next_y, next_logprobs = _step(y, decoding=True)
                 mx.async_eval(next_y, next_logprobs)
             if n == 0:

@@ -3,7 +3,7 @@
 import math
 
 import lazyllm_mlx.engine as engine
-from lazyllm_mlx import LazyConfig, generate, make_lazy_cache, stream_generate
+from lazyllm_mlx import LazyConfig, LazyStats, generate, make_lazy_cache, stream_generate
 from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import pytest
@@ -177,7 +177,9 @@ def test_random_selection_keeps_the_counts(model, tokenizer):
     assert rand.prefill_tokens_per_layer == lazy.prefill_tokens_per_layer
 
 
-@pytest.mark.parametrize("lazy, ahead", [("paper", 0), ("paper;norevive", 1), ("none", 1)])
+@pytest.mark.parametrize(
+    "lazy, ahead", [("paper", 0), ("paper;norevive", 1), ("none", 1), ("paper;every=3", 1)]
+)
 def test_first_token_is_handed_out_before_a_revival_decode_step(model, monkeypatch, lazy, ahead):
     """TTFT must not include the first decode step when that step waits on the host."""
     import importlib
@@ -197,3 +199,33 @@ def test_first_token_is_handed_out_before_a_revival_decode_step(model, monkeypat
     assert sum(decode_calls) == ahead
     list(steps)
     assert sum(decode_calls) == 3  # every yielded token is fed, as in mlx-lm
+
+
+@pytest.mark.parametrize("close_after", [2, 3, 4, 9])
+def test_steps_that_keep_their_selection_are_computed_ahead_without_changing_anything(
+    model, monkeypatch, close_after
+):
+    """every=N: the steps that keep the selections run one step ahead, the others after the
+    token; the tokens, the counts and the cache are those of handing out every token first."""
+    import importlib
+
+    gen = importlib.import_module("lazyllm_mlx.generate")
+    prompt, lazy = random_prompt(150), "paper;every=3"
+
+    def run():
+        cache = make_lazy_cache(model, lazy)
+        stats = LazyStats(len(model.layers))
+        steps = gen.generate_step(prompt, model, lazy=lazy, prompt_cache=cache, stats=stats)
+        tokens = [token for _, (token, _) in zip(range(close_after), steps)]
+        steps.close()
+        return tokens, stats, cache
+
+    ahead_tokens, ahead_stats, ahead_cache = run()
+    monkeypatch.setattr(gen, "decode_step_keeps_selection", lambda cache: False)
+    tokens, stats, cache = run()
+    assert ahead_tokens == tokens and len(tokens) == close_after
+    assert ahead_cache.offset == cache.offset == prompt.size + close_after
+    assert ahead_stats.decode_token_layers == stats.decode_token_layers
+    assert ahead_stats.revived == stats.revived
+    for a, b in zip(ahead_cache.stages, cache.stages):
+        assert a.positions[: a.size].tolist() == b.positions[: b.size].tolist()
