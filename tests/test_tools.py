@@ -133,3 +133,15 @@ def test_plot_frontier_merges_methods_of_reports_on_the_same_prompts():
     assert sorted(r["method"] for r in merged["results"]) == ["baseline", "budget", "default"]
     with pytest.raises(SystemExit, match="different prompts"):
         merge([first, report([("budget", 70.0)], num=8)])
+
+
+def test_step_ahead_comparison_runs_both_orders_and_restores_the_rule():
+    ahead = tool("compare_step_ahead")
+    model = tiny_model("llama")
+    prompt = random_prompt(64)
+    lazy = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0, reselect_every=3)
+    first = ahead.timed_run(model, prompt, lazy, 20, ahead=True)
+    second = ahead.timed_run(model, prompt, lazy, 20, ahead=False)
+    assert first["tokens"] == second["tokens"] and len(first["tokens"]) == 20
+    assert first["decode_tps_16"] > 0 and second["median_step_ms"] > 0
+    assert ahead.generation.decode_step_keeps_selection is ahead._KEEPS_SELECTION
