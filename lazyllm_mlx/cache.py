@@ -278,7 +278,7 @@ class LazyCache:
     observed: list[ObservedQueries | None] = field(default_factory=list)  # ranks for boundary k
     offset: int = 0  # tokens processed so far = the next token's position
     position_capacity: int = 0
-    # Each boundary's last selection (engine._Attend; index k - 1 for boundary k) and the decode
+    # Each boundary's last selection (boundary.Attend; index k - 1 for boundary k) and the decode
     # steps since it was made, for config.reselect_every (transient: not saved, reset by trim).
     held_selections: list = field(default_factory=list, repr=False)
     steps_without_selection: int = 0

@@ -79,14 +79,14 @@ def test_min_prompt_tokens_leaves_short_prompts_alone(model, tokenizer):
 
 def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
     seen = []
-    original = engine._select_and_revive
+    original = engine.select_and_revive
 
     def spy(cache, k, flight, ranked, *rest):
         flight_out, attend = original(cache, k, flight, ranked, *rest)
         seen.append((k, ranked.n_candidates, attend.selected.tolist(), cache.offset))
         return flight_out, attend
 
-    monkeypatch.setattr(engine, "_select_and_revive", spy)
+    monkeypatch.setattr(engine, "select_and_revive", spy)
     from lazyllm_mlx import generate_step
 
     list(generate_step(random_prompt(90), model, lazy="paper", max_tokens=5))

@@ -124,7 +124,7 @@ def stage_breakdown(model, prompt, lazy, max_tokens: int) -> list[dict[str, floa
     median tokens computed, ms to compute them, and ms of the selection before the stage. Each
     part is evaluated before the next starts, so the parts add up to more than a real step."""
     calls: list[list[tuple[range, int, float, float]]] = []  # per engine call, per stage
-    run_stage, select = engine._run_stage, engine._select_and_revive
+    run_stage, select = engine._run_stage, engine.select_and_revive
     selection = [0.0]
 
     def timed_select(cache, k, flight, scores, *rest):
@@ -146,11 +146,11 @@ def stage_breakdown(model, prompt, lazy, max_tokens: int) -> list[dict[str, floa
         selection[0] = 0.0
         return out
 
-    engine._run_stage, engine._select_and_revive = timed_stage, timed_select
+    engine._run_stage, engine.select_and_revive = timed_stage, timed_select
     try:
         timed_steps(model, prompt, lazy, max_tokens)
     finally:
-        engine._run_stage, engine._select_and_revive = run_stage, select
+        engine._run_stage, engine.select_and_revive = run_stage, select
     decode = calls[2:]  # after the prefill and the first decode step
     rows = []
     for k, (layers, *_) in enumerate(decode[0]):
