@@ -56,6 +56,18 @@ def test_instances_do_not_depend_on_how_many_are_built(tokenizer):
     assert [t.tokens for t in one] == [t.tokens for t in two if t.index == 0]
 
 
+def test_a_later_first_prompt_extends_an_earlier_run(tokenizer):
+    four = build_tasks(tokenizer, ["passkey", "code"], LENGTH, 4, 7, True)
+    later = build_tasks(tokenizer, ["passkey", "code"], LENGTH, 2, 7, True, first=2)
+    assert [(t.task, t.index) for t in later] == [
+        ("passkey", 2),
+        ("passkey", 3),
+        ("code", 2),
+        ("code", 3),
+    ]
+    assert [t.tokens for t in later] == [t.tokens for t in four if t.index >= 2]
+
+
 def test_code_tasks_reach_long_prompts(tokenizer):
     # Few standard library files are long enough for 4K tokens: the builder looks beyond its stride.
     tasks = build_tasks(tokenizer, ["code"], 4096, 3, 3, True)

@@ -113,6 +113,42 @@ def test_benchmarks_md_tables():
     )
 
 
+def test_pool_evals_summarizes_disjoint_reports_as_one_run():
+    from lazyllm_mlx.evals.run import summarize_records
+
+    pool = tool("pool_evals").pool
+    scores = {"baseline": [1, 1, 0, 1, 0.5, 1], "lazy": [1, 0, 0, 1, 0.5, 0.25]}
+    tasks = ["passkey", "passkey", "passkey", "code", "code", "code"]
+
+    def instances(method, picks):
+        lazy = method == "lazy"
+        return [dict(task=tasks[i], index=i, score=scores[method][i], first_token=1.0, kl=0.1,
+                     continuation=1.0, prefill_fraction=0.5 if lazy else 1.0,
+                     ttft=1.0 if lazy else 2.0, output=str(i)) for i in picks]  # fmt: skip
+
+    def report(picks, command):
+        results = [
+            dict(length=64, **summarize_records(
+                dict(method=m, family=m, schedule=m, matched_to=None),
+                instances(m, picks), instances("baseline", picks), None))
+            for m in scores
+        ]  # fmt: skip
+        return dict(model="m", command=command, python="3.11", date="d", num_layers=2,
+                    chat_template=False, lengths=[64], tasks=["passkey", "code"], seed=1,
+                    results=results)  # fmt: skip
+
+    whole = report(range(6), "all")
+    pooled = pool([report([0, 3], "a"), report([1, 2, 4, 5], "b")])
+    for got, want in zip(pooled["results"], whole["results"]):
+        for key in ("scores", "accuracy", "accuracy_delta", "accuracy_delta_se", "ttft_speedup"):
+            assert got[key] == pytest.approx(want[key]), key
+    assert pooled["results"][1]["accuracy_delta"] < 0
+    with pytest.raises(ValueError, match="more than one report"):
+        pool([report([0, 3], "a"), report([3, 4], "b")])
+    with pytest.raises(ValueError, match="differ in seed"):
+        pool([report([0], "a"), dict(report([1], "b"), seed=2)])
+
+
 def test_scoring_cost_times_a_kept_weights_step():
     scoring = tool("scoring_cost")
     queries = mx.random.normal((1, 4, 8, 16))

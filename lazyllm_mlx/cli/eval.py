@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the task builders")
     parser.add_argument(
+        "--first-prompt",
+        type=int,
+        default=0,
+        help="Index of each task's first prompt: with the same seed, --first-prompt N --num M "
+        "adds prompts N..N+M-1 to a run of --num N (tools/pool_evals.py merges the reports)",
+    )
+    parser.add_argument(
         "--chat",
         choices=("auto", "on", "off"),
         default="auto",
@@ -159,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"Unknown tasks {unknown}; tasks: {', '.join(TASKS)}.")
     if args.num <= 0:
         raise ValueError("--num must be positive.")
+    if args.first_prompt < 0:
+        raise ValueError("--first-prompt must be 0 or more.")
     searching = args.search is not None
     if args.schedules is None:
         schedules = SEARCH_GRID if searching else ["default"]
@@ -189,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         tasks=tasks,
         num=args.num,
         seed=args.seed,
+        first_prompt=args.first_prompt,
         max_tokens=args.max_tokens,
         chat=chat,
         references=not (args.no_references or searching),

@@ -151,6 +151,20 @@ def _record(task: Task, outcome: Outcome, base: Outcome) -> dict[str, Any]:
 
 def summarize(method: Method, records: list[dict], base: list[dict], none: list[dict] | None):
     """One method's row at one length: accuracy per task (points), agreement, speed-ups."""
+    identity = dict(
+        method=method.label,
+        family=method.family,
+        schedule=method.schedule,
+        matched_to=method.matched_to,
+    )
+    return summarize_records(identity, records, base, none)
+
+
+def summarize_records(
+    identity: dict[str, Any], records: list[dict], base: list[dict], none: list[dict] | None
+) -> dict[str, Any]:
+    """`summarize` for a method named by its report row's fields (method, family, schedule,
+    matched_to), e.g. to merge reports on disjoint prompts (tools/pool_evals.py)."""
     tasks = list(dict.fromkeys(r["task"] for r in records))
     scores = {
         t: 100 * statistics.fmean(r["score"] for r in records if r["task"] == t) for t in tasks
@@ -163,10 +177,7 @@ def summarize(method: Method, records: list[dict], base: list[dict], none: list[
     right = [r["first_token"] for r, b in zip(records, base) if b["score"] >= SOLVED]
 
     return dict(
-        method=method.label,
-        family=method.family,
-        schedule=method.schedule,
-        matched_to=method.matched_to,
+        **identity,
         scores=scores,
         accuracy=statistics.fmean(scores.values()),
         accuracy_delta=delta,  # vs the baseline on the same prompts, points
@@ -198,6 +209,7 @@ def evaluate(
     tasks: list[str],
     num: int,
     seed: int = 0,
+    first_prompt: int = 0,
     max_tokens: int | None = None,
     chat: bool | None = None,
     references: bool = True,
@@ -216,7 +228,7 @@ def evaluate(
     log = log or (lambda _: None)
     results, warmed = [], False
     for length in lengths:
-        prompts = build_tasks(tokenizer, tasks, length, num, seed, chat)
+        prompts = build_tasks(tokenizer, tasks, length, num, seed, chat, first_prompt)
         if max_tokens is not None:
             prompts = [replace(t, max_tokens=max_tokens) for t in prompts]
         methods = build_methods(
@@ -244,9 +256,9 @@ def evaluate(
                 )
             if on_prompt is not None and i + 1 < len(prompts):
                 done = results + _summaries(length, methods, records)
-                on_prompt(_report(num_layers, chat, lengths, tasks, num, seed, done))
+                on_prompt(_report(num_layers, chat, lengths, tasks, num, seed, first_prompt, done))
         results += _summaries(length, methods, records)
-    return _report(num_layers, chat, lengths, tasks, num, seed, results)
+    return _report(num_layers, chat, lengths, tasks, num, seed, first_prompt, results)
 
 
 def _summaries(length: int, methods: list[Method], records: dict[str, list[dict]]) -> list[dict]:
@@ -257,7 +269,7 @@ def _summaries(length: int, methods: list[Method], records: dict[str, list[dict]
     ]
 
 
-def _report(num_layers, chat, lengths, tasks, num, seed, results) -> dict[str, Any]:
+def _report(num_layers, chat, lengths, tasks, num, seed, first, results) -> dict[str, Any]:
     return dict(
         num_layers=num_layers,
         chat_template=chat,
@@ -265,6 +277,7 @@ def _report(num_layers, chat, lengths, tasks, num, seed, results) -> dict[str, A
         tasks=tasks,
         num=num,
         seed=seed,
+        first_prompt=first,
         results=results,
     )
 

@@ -349,11 +349,19 @@ BUILDERS: dict[str, Callable[[Any, int, int, int, bool], Task]] = {
 
 
 def build_tasks(
-    tokenizer: Any, names: Iterable[str], length: int, num: int, seed: int, chat: bool
+    tokenizer: Any,
+    names: Iterable[str],
+    length: int,
+    num: int,
+    seed: int,
+    chat: bool,
+    first: int = 0,
 ) -> list[Task]:
-    """`num` instances of each named task, `length` tokens each."""
+    """`num` instances of each named task, `length` tokens each, numbered from `first`: a prompt
+    depends only on its seed, task, length and index, so a later run extends an earlier one."""
     names = list(names)
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         raise ValueError(f"Unknown eval tasks {unknown}; tasks: {', '.join(BUILDERS)}.")
-    return [BUILDERS[n](tokenizer, length, i, seed, chat) for n in names for i in range(num)]
+    indices = range(first, first + num)
+    return [BUILDERS[n](tokenizer, length, i, seed, chat) for n in names for i in indices]
