@@ -143,8 +143,12 @@ def test_pool_evals_summarizes_disjoint_reports_as_one_run():
         for key in ("scores", "accuracy", "accuracy_delta", "accuracy_delta_se", "ttft_speedup"):
             assert got[key] == pytest.approx(want[key]), key
     assert pooled["results"][1]["accuracy_delta"] < 0
-    with pytest.raises(ValueError, match="more than one report"):
-        pool([report([0, 3], "a"), report([3, 4], "b")])
+    again = pool([report([0, 3], "a"), report([1, 2, 4, 5], "b"), report([3, 4], "c")])
+    assert again["results"][1]["accuracy_delta"] == whole["results"][1]["accuracy_delta"]
+    other = report([3, 4], "c")
+    other["results"][1]["instances"][0]["output"] = "another answer"
+    with pytest.raises(ValueError, match="different outputs"):
+        pool([report([0, 3], "a"), other])
     with pytest.raises(ValueError, match="differ in seed"):
         pool([report([0], "a"), dict(report([1], "b"), seed=2)])
 

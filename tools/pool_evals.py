@@ -5,7 +5,9 @@ and summarized again (paired Δ ± se, agreement, speed-ups), as if one run had 
     lazyllm-mlx eval ... --num 30 --first-prompt 20 --seed 11 --json b.json
     python tools/pool_evals.py a.json b.json --json pooled.json
 
-Methods missing from a report are left out (and named); the same prompt in two reports is an error.
+A method (its family and resolved schedule: a preset and its schedule string are one) is pooled
+over the reports that ran it, each prompt paired with the baseline of its own report; a prompt
+that two reports ran with the same output counts once, with different outputs it is an error.
 TTFT ratios stay per prompt, so pooling reports run on different days keeps them meaningful.
 """
 
@@ -24,8 +26,38 @@ MUST_MATCH = ("model", "tasks", "seed", "chat_template", "num_layers")
 IDENTITY = ("method", "family", "schedule", "matched_to")
 
 
+def _pool_method(key, reports_rows: list[dict[str, dict]]) -> tuple[dict, list, list, list | None]:
+    """One method's identity, instances, and the baseline's (and none's) on the same prompts,
+    gathered from every report that ran it. A prompt run again with the same output (a baseline
+    from the cache) counts once; with another output it is an error."""
+    holding = [rows for rows in reports_rows if key in rows]
+    records, base, none, seen = [], [], [], {}
+    for rows in holding:
+        by_family = {family: row for (family, _), row in rows.items()}
+        none_runs = by_family["none"]["instances"] if "none" in by_family else None
+        baselines = by_family["baseline"]["instances"]
+        for i, (record, baseline) in enumerate(zip(rows[key]["instances"], baselines)):
+            prompt = (record["task"], record["index"])
+            if prompt in seen:
+                if seen[prompt] != record["output"]:
+                    raise ValueError(
+                        f"prompt {prompt[0]}#{prompt[1]} of {key[1]} is in two reports with "
+                        "different outputs"
+                    )
+                continue
+            seen[prompt] = record["output"]
+            records.append(record)
+            base.append(baseline)
+            none = none + [none_runs[i]] if none is not None and none_runs else None
+    # A preset's name and its resolved schedule are one method: the shorter label names it.
+    label = min((rows[key]["method"] for rows in holding), key=len)
+    identity = {k: holding[0][key][k] for k in IDENTITY} | {"method": label}
+    return identity, records, base, none
+
+
 def pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The pooled report; raises ValueError where the reports cannot be pooled."""
+    """The pooled report, each method over every report that ran it (matched by its family and
+    resolved schedule); raises ValueError where the reports cannot be pooled."""
     first = reports[0]
     for key in MUST_MATCH:
         values = {json.dumps(r.get(key)) for r in reports}
@@ -33,28 +65,22 @@ def pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"the reports differ in {key}: {', '.join(sorted(values))}")
     if any(r.get("partial") for r in reports):
         raise ValueError("a report is partial (its run did not finish)")
-    lengths = sorted(set.intersection(*(set(r["lengths"]) for r in reports)))
-    results, left_out = [], set()
+    lengths = sorted({length for r in reports for length in r["lengths"]})
+    results = []
     for length in lengths:
-        rows = [
-            {row["method"]: row for row in r["results"] if row["length"] == length} for r in reports
+        reports_rows = [
+            {
+                (row["family"], row["schedule"]): row
+                for row in r["results"]
+                if row["length"] == length
+            }
+            for r in reports
         ]
-        methods = [m for m in rows[0] if all(m in by_method for by_method in rows)]
-        left_out |= {m for by_method in rows for m in by_method if m not in methods}
-        keys = [
-            (i["task"], i["index"])
-            for by_method in rows
-            for i in by_method["baseline"]["instances"]
-        ]
-        repeated = [k for k, n in Counter(keys).items() if n > 1]
-        if repeated:
-            raise ValueError(f"prompt {repeated[0][0]}#{repeated[0][1]} is in more than one report")
-        merged = {m: [i for by_method in rows for i in by_method[m]["instances"]] for m in methods}
-        none = merged.get("none")
-        for m in methods:
-            identity = {k: rows[0][m][k] for k in IDENTITY}
-            summary = summarize_records(identity, merged[m], merged["baseline"], none)
-            results.append(dict(length=length, **summary))
+        reports_rows = [rows for rows in reports_rows if rows]
+        keys = list(dict.fromkeys(k for rows in reports_rows for k in rows))
+        for key in keys:
+            identity, records, base, none = _pool_method(key, reports_rows)
+            results.append(dict(length=length, **summarize_records(identity, records, base, none)))
     per_task = Counter(i["task"] for i in results[0]["instances"]) if results else Counter()
     return dict(
         model=first["model"],
@@ -66,9 +92,8 @@ def pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
         chat_template=first["chat_template"],
         lengths=lengths,
         tasks=first["tasks"],
-        num=min(per_task.values()) if per_task else 0,
+        num=min(per_task.values()) if per_task else 0,  # the baseline's prompts per task
         seed=first["seed"],
-        left_out=sorted(left_out),
         results=results,
     )
 
@@ -95,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             f"KL {row['kl']:.3f}  frac {row['prefill_fraction']:.3f}  "
             f"TTFT ×{row['ttft_speedup']:.2f}"
         )
-    if pooled["left_out"]:
-        print(f"not in every report, left out: {', '.join(pooled['left_out'])}")
     if args.json:
         write_json(args.json, pooled)
     return 0
