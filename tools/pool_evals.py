@@ -55,7 +55,7 @@ def _pool_method(key, reports_rows: list[dict[str, dict]]) -> tuple[dict, list, 
     return identity, records, base, none
 
 
-def pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
+def pool(reports: list[dict[str, Any]], command: str = "tools/pool_evals.py") -> dict[str, Any]:
     """The pooled report, each method over every report that ran it (matched by its family and
     resolved schedule); raises ValueError where the reports cannot be pooled."""
     first = reports[0]
@@ -84,7 +84,7 @@ def pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
     per_task = Counter(i["task"] for i in results[0]["instances"]) if results else Counter()
     return dict(
         model=first["model"],
-        command="python tools/pool_evals.py " + " ".join(r["command"] for r in reports),
+        command=command,
         pooled_from=[r["command"] for r in reports],
         python=first["python"],
         date=max(r["date"] for r in reports),
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.reports:
             with open(path, encoding="utf-8") as f:
                 reports.append(json.load(f))
-        pooled = pool(reports)
+        pooled = pool(reports, "python tools/pool_evals.py " + " ".join(args.reports))
     except (OSError, ValueError, KeyError) as error:
         print(f"pool_evals: {error}", file=sys.stderr)
         return 2
