@@ -60,8 +60,8 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # 0.8 ± 0.7 points lower than full revival; reviving only the top half of the selection
     # (revive=0.5) 0.7 ± 0.6 lower, 51 of 60 outputs identical, and it decodes level with the
     # baseline (4K, 3 rounds: x1.03 over the first 16 tokens, x0.99 over 256; full revival
-    # x0.89 and x0.88), so default revives so; at 2K on 20 prompts it was 2.3 ± 1.9 lower
-    # (17 identical). fast (not measured with it) revives fully.
+    # x0.89 and x0.88), so default revives so; at 2K on 40 prompts 1.2 ± 1.0 lower (36
+    # identical). fast (not measured with it) revives fully.
     # At 2K on 20 prompts fast is +0.0 ± 6.5 but loses 9.9 points on code lines (default +4.5).
     # Decoding: its cost is the revived tokens themselves; cap=2 gave default's answers exactly
     # (20 prompts, 2K) but no faster first 16 tokens at 4K (x0.84 both, 3 rounds), margin=1 lost
