@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from lazyllm_mlx.cli.eval import write_json
+from lazyllm_mlx.cli.eval import print_table, write_json
 from lazyllm_mlx.evals.run import summarize_records
 
 MUST_MATCH = ("model", "tasks", "seed", "chat_template", "num_layers")
@@ -112,14 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"pool_evals: {error}", file=sys.stderr)
         return 2
+    print_table(pooled)
+    print("\nprompts pooled per method (a method as its resolved schedule):")
     for row in pooled["results"]:
-        print(
-            f"{row['length']:>6} {row['method']:<24} n={len(row['instances']):>3} "
-            f"acc {row['accuracy']:6.1f}  Δ {row['accuracy_delta']:+6.1f} ± "
-            f"{row['accuracy_delta_se']:.1f}  first token {row['first_token']:.0%}  "
-            f"KL {row['kl']:.3f}  frac {row['prefill_fraction']:.3f}  "
-            f"TTFT ×{row['ttft_speedup']:.2f}"
-        )
+        print(f"  {row['length']} {row['method']} ({row['schedule']}): {len(row['instances'])}")
     if args.json:
         write_json(args.json, pooled)
     return 0
