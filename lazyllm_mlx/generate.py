@@ -20,7 +20,8 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
-from .config import LazyConfig, as_config, calibrated, family_default
+from .calibration import calibrated, family_default
+from .config import LazyConfig, as_config
 from .engine import LazyStats, decode_step_keeps_selection, lazy_forward
 from .families import architecture_of, family_of, model_type_of
 
@@ -48,7 +49,7 @@ class GenerationResponse:
 
 def for_model(lazy: LazyConfig | str | dict | None, model: nn.Module) -> LazyConfig | None:
     """The schedule `lazy` names, as it applies to `model`: a preset the model has a calibration
-    of (config.CALIBRATED) becomes that calibration."""
+    of (calibration.CALIBRATED) becomes that calibration."""
     config = as_config(lazy)
     return None if config is None else calibrated(config, architecture_of(model))
 

@@ -23,7 +23,7 @@ def test_presets():
 
 
 def test_every_calibration_is_a_valid_schedule_ordered_by_how_hard_it_prunes():
-    from lazyllm_mlx.config import CALIBRATED
+    from lazyllm_mlx.calibration import CALIBRATED
 
     assert CALIBRATED  # the real models we measure have theirs
     for (model_type, layers, *_), table in CALIBRATED.items():
@@ -113,14 +113,14 @@ def test_a_model_runs_its_stored_schedule_else_its_family_preset_else_default():
 
 
 def test_a_model_with_a_calibration_runs_it_for_that_preset(monkeypatch):
-    import lazyllm_mlx.config as config_module
+    import lazyllm_mlx.calibration as calibration_module
     from lazyllm_mlx import make_lazy_cache
     from lazyllm_mlx.families import architecture_of
     from lazyllm_mlx.generate import for_model
 
     llama, qwen = tiny_model("llama"), tiny_model("qwen2")
     table = {architecture_of(llama): {"default": "3:0.4;w=4;pool=3", "safe": "2:0.3;w=4"}}
-    monkeypatch.setattr(config_module, "CALIBRATED", table)
+    monkeypatch.setattr(calibration_module, "CALIBRATED", table)
     calibrated = for_model("default", llama)
     assert calibrated == LazyConfig.parse("3:0.4;w=4;pool=3") and calibrated.name == "default"
     assert for_model("default;norevive", llama) == LazyConfig.parse("3:0.4;w=4;pool=3;norevive")

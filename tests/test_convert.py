@@ -318,7 +318,7 @@ def test_the_default_model_converts_with_its_tokenizer(tmp_path):
     )
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
-    from lazyllm_mlx.config import CALIBRATED
+    from lazyllm_mlx.calibration import CALIBRATED
 
     calibration = LazyConfig.parse(CALIBRATED["llama", 30, 576, 9, 3]["default"])
     assert LazyConfig.from_dict(config["lazyllm"]) == calibration  # the preset as it applies here
