@@ -25,7 +25,8 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # prompts, so a cut at 8 loses passkeys at 1K tokens (fast: 2 of 13 lost there, +6.9 ± 6.1
     # points overall; +26.8 ± 6.0 at 2K). The default's first cut is a budget: up to 1,536 tokens
     # it keeps them all (then it is 15:0.4,19:0.5, +14.3 ± 6.3 at 1K), and past that the kept
-    # share falls as prompts grow (2K: 54 % of the token-layers, +25.0 ± 7.4; 4K: 40 %, +15.2).
+    # share falls as prompts grow (2K: 54 % of the token-layers, +25.0 ± 7.4; 4K: 40 %, +20.9 ±
+    # 8.4 on 20 prompts with the decoding options below, no passkey lost, code +1.7 ± 3.9).
     # Decoding with a revival margin of 0.5 gave the same answers as plain revival on 24 prompts at
     # 2K (22 outputs identical) and decodes faster (4K, 256 tokens: x1.05 of the baseline, not .98).
     # Selecting afresh every 4th decode step with it: -0.5 ± 0.5 points against plain revival on
@@ -60,9 +61,11 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # sample, a 2K prefill takes 1.5 min. A revival margin of 0.5 makes a 2K prompt's first 15
     # decode steps defer 372 token-layers instead of 1,026 (median step -17 %).
     # At 4K: TTFT x2.74, decode x0.91 (first 16) and x0.97 (256) of the baseline's; every=4
-    # decoded no faster (x0.94, x0.98), so the default selects at every step. On 3 prompts at
-    # 2K the paper's rule kept every answer at 25 % and at 10 % kept, where the window rule lost
-    # the passkey at 10 %: on this model the window rule's lead is not shown.
+    # decoded no faster (x0.94, x0.98), so the default selects at every step. At 2K on 24
+    # prompts: +0.5 ± 0.5 points, every passkey and module name as the baseline's. Ranking
+    # (probe, 12 prompts at 2K): after layer 8 the window rule keeps 0.92 of the answer tokens
+    # at 10 % kept where the paper's rule keeps 0.28, though on 3 prompts the paper's rule kept a
+    # passkey at 10 % that the window rule lost (Qwen writes one digit per token).
     # safe: the previous default, 50 % of the token-layers.
     ("qwen2", 28, 1536, 12, 2): {
         "default": f"9:0.25,15:0.5;margin=0.5;{_WINDOW_RULE}",
