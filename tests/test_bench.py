@@ -23,7 +23,7 @@ def test_bench_writes_table_json_and_plots(tmp_path, capsys):
     assert code == 0
     data = json.loads(out.read_text())
     methods = [row["method"] for row in data["rows"]]
-    assert methods == ["baseline", "paper", "paper;norevive"] and data["warm_up"] == "one round"
+    assert methods == ["baseline", "paper", "paper;norevive"]
     paper = data["rows"][1]
     assert paper["prefill_fraction"] < 1 and paper["ideal_speedup"] > 1
     assert paper["speedup"] > 0 and paper["measured_over_ideal"] > 0 and paper["total_speedup"] > 0
@@ -36,30 +36,3 @@ def test_bench_writes_table_json_and_plots(tmp_path, capsys):
     assert (tmp_path / "tokens_per_layer.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "paper;norevive" in printed and format_table(data["rows"]).splitlines()[0] in printed
-
-
-def test_a_short_warm_up_replaces_the_unmeasured_round(smollm2, monkeypatch):
-    from lazyllm_mlx.evals import bench
-
-    model, tokenizer, _ = smollm2
-    measured, warmed = [], []
-    real_measure, real_warm_up = bench.measure, bench.warm_up
-
-    def counted_measure(*args, **kwargs):
-        measured.append(args[3])
-        return real_measure(*args, **kwargs)
-
-    def counted_warm_up(model, tokenizer, tokens, lazies):
-        lazies = list(lazies)
-        warmed.append(len(lazies))
-        real_warm_up(model, tokenizer, tokens, lazies)
-
-    monkeypatch.setattr(bench, "measure", counted_measure)
-    monkeypatch.setattr(bench, "warm_up", counted_warm_up)
-    rows = bench.run_bench(model, tokenizer, [96], ["paper"], runs=2, max_tokens=3,
-                           short_warm_up=True)  # fmt: skip
-    assert warmed == [2] and len(measured) == 4  # baseline and paper, 2 measured rounds each
-    assert [row["runs"] for row in rows] == [2, 2] and measured[0] is None
-    measured.clear()
-    bench.run_bench(model, tokenizer, [96], ["paper"], runs=1, max_tokens=3)
-    assert warmed == [2] and len(measured) == 4  # a whole warm-up round, then one measured

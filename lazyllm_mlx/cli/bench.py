@@ -41,12 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Do not also measure each schedule without revival (';norevive')",
     )
     parser.add_argument("--runs", type=int, default=3, help="Measured runs per cell (+1 warm-up)")
-    parser.add_argument(
-        "--short-warm-up",
-        action="store_true",
-        help="Warm up on a short prompt with each method instead of a whole unmeasured round "
-        "(for long prompts on slow machines, where a round takes many minutes)",
-    )
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per run")
     add_prefill_step_size_argument(parser)
     parser.add_argument("--json", type=output_file, help="Write the results to this JSON file")
@@ -68,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     name = model_label(args.model)
     context = dict(model=name, device=str(mx.default_device()), runs=args.runs,
                    max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size,
-                   warm_up="short prompt" if args.short_warm_up else "one round",
                    command=" ".join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
     rows = []
     for length in lengths:  # the JSON is rewritten after each length: long runs keep what they did
@@ -81,13 +74,11 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             prefill_step_size=args.prefill_step_size,
             log=log,
-            short_warm_up=args.short_warm_up,
         )
         if args.json:
             Path(args.json).write_text(json.dumps(dict(context, rows=rows), indent=2))
-    warm = context["warm_up"]
     print(f"model: {name}; device: {mx.default_device()}; median of {args.runs} runs after a "
-          f"warm-up ({warm}); {args.max_tokens} generated tokens per run")  # fmt: skip
+          f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
     print(format_table(rows))
     if args.plot_dir:
         from ..evals.plots import plot_speedup, plot_tokens_per_layer

@@ -1,8 +1,7 @@
 """Speed measurements: baseline vs lazy schedules on real-text prompts, in one process.
 
 Runs are interleaved (baseline, schedule 1, schedule 2, … then again) so that a noisy machine
-disturbs every column alike; each cell is the median over the runs after one warm-up round
-(or, where a round takes many minutes, after a short warm-up prompt with each method).
+disturbs every column alike; each cell is the median over the runs after one warm-up round.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import mlx.nn as nn
 
 from ..config import LazyConfig
 from ..generate import for_model
-from .measure import generate_once, warm_up
+from .measure import generate_once
 from .sources import real_text_tokens
 
 # Decode speed and the whole request are also reported over the first this many tokens: a short
@@ -123,10 +122,8 @@ def run_bench(
     max_tokens: int = 32,
     prefill_step_size: int = 2048,
     log: Callable[[str], None] = lambda _: None,
-    short_warm_up: bool = False,
 ) -> list[dict[str, Any]]:
-    """The table's rows: for each length, the baseline then each schedule. short_warm_up: warm
-    up on a short prompt with each method instead of a whole unmeasured round."""
+    """The table's rows: for each length, the baseline then each schedule."""
     if runs < 1:
         raise ValueError("runs must be at least 1.")
     methods = {"baseline": None} | {name: for_model(name, model) for name in schedules}
@@ -134,9 +131,7 @@ def run_bench(
     for length in lengths:
         tokens = real_text_tokens(tokenizer, length)
         cells = {name: Cell(length, name) for name in methods}
-        if short_warm_up:
-            warm_up(model, tokenizer, tokens, methods.values())
-        for round_index in range(int(short_warm_up), runs + 1):  # round 0 is the warm-up
+        for round_index in range(runs + 1):  # round 0 is the warm-up
             for name, lazy in methods.items():
                 run = measure(model, tokenizer, tokens, lazy, max_tokens, prefill_step_size)
                 if round_index:
