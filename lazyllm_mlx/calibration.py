@@ -60,8 +60,9 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # 2K, first token 12 of 12, continuation 94 % (9:0.4,15:0.5, 50 %: 6 of 6 and 100 %); a thin
     # sample, a 2K prefill takes 1.5 min. A revival margin of 0.5 makes a 2K prompt's first 15
     # decode steps defer 372 token-layers instead of 1,026 (median step -17 %).
-    # At 4K: TTFT x2.74, decode x0.91 (first 16) and x0.97 (256) of the baseline's; every=4
-    # decoded no faster (x0.94, x0.98), so the default selects at every step. At 2K on 24
+    # At 4K: TTFT x2.74, decode x0.91 (first 16) and x0.97 (256) of the baseline's (stop 24,
+    # another day: x2.47, x0.99, x1.06); every=4 decoded no faster (x0.94, x0.98), so the
+    # default selects at every step. At 2K on 24
     # prompts: +0.5 ± 0.5 points, every passkey and module name as the baseline's. Ranking
     # (probe, 12 prompts at 2K): after layer 8 the window rule keeps 0.92 of the answer tokens
     # at 10 % kept where the paper's rule keeps 0.28, though on 3 prompts the paper's rule kept a
