@@ -25,8 +25,8 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # prompts, so a cut at 8 loses passkeys at 1K tokens (fast: 2 of 13 lost there, +6.9 ± 6.1
     # points overall; +26.8 ± 6.0 at 2K). The default's first cut is a budget: up to 1,536 tokens
     # it keeps them all (then it is 15:0.4,19:0.5, +14.3 ± 6.3 at 1K), and past that the kept
-    # share falls as prompts grow (2K: 54 % of the token-layers, +25.0 ± 7.4; 4K: 40 %, +20.9 ±
-    # 8.4 on 20 prompts with the decoding options below, no passkey lost, code +1.7 ± 3.9).
+    # share falls as prompts grow (2K: 54 % of the token-layers, +25.0 ± 7.4; 4K: 40 %, +19.2 ±
+    # 5.6 on 40 prompts with the decoding options below, no passkey lost, code +3.5 ± 2.6).
     # Decoding with a revival margin of 0.5 gave the same answers as plain revival on 24 prompts at
     # 2K (22 outputs identical) and decodes faster (4K, 256 tokens: x1.05 of the baseline, not .98).
     # Selecting afresh every 4th decode step with it: -0.5 ± 0.5 points against plain revival on
