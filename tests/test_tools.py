@@ -111,6 +111,14 @@ def test_benchmarks_md_tables():
     assert lines[-1] == (
         "| `paper` | 0.700 | 50.0 | 50.0 | -50.0 ± 50.0 | 50 % | 50 % | 0.100 | 50 % | 1.60 |"
     )
+    # A pooled report: a method run on one prompt of the baseline's two is paired by prompt.
+    baseline, paper = report["results"]
+    baseline["instances"] = [
+        {"task": "passkey", "index": 0, "score": 0.0, "first_token": 1.0},
+        {"task": "passkey", "index": 1, "score": 1.0, "first_token": 1.0},
+    ]
+    paper["instances"] = [{"task": "passkey", "index": 1, "score": 0.0, "first_token": 0.0}]
+    assert "| -100.0 ± 0.0 | 50 % | 0 % |" in tables.eval_table(report).splitlines()[-1]
 
 
 def test_pool_evals_summarizes_disjoint_reports_as_one_run():

@@ -50,6 +50,15 @@ def bench_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _baseline_instances(instances: list[dict], base: list[dict]) -> list[dict]:
+    """The baseline's instance for each of a method's, by prompt: a pooled report may hold methods
+    run on fewer prompts than the baseline. Reports without prompt indices pair by position."""
+    if all("index" in i for i in instances + base):
+        by_prompt = {(b["task"], b["index"]): b for b in base}
+        return [by_prompt[(i["task"], i["index"])] for i in instances]
+    return base
+
+
 def eval_table(report: dict[str, Any]) -> str:
     tasks = report["tasks"]
     lines = [
@@ -67,10 +76,10 @@ def eval_table(report: dict[str, Any]) -> str:
         ]
         rows = [r for r in report["results"] if r["length"] == length]
         base = next(r for r in rows if r["method"] == "baseline")
-        right = [i["score"] >= 0.5 for i in base["instances"]]
         for r in rows:
-            delta, se = paired_accuracy_delta(r["instances"], base["instances"])
-            agree = [i["first_token"] for i, ok in zip(r["instances"], right) if ok]
+            paired = _baseline_instances(r["instances"], base["instances"])
+            delta, se = paired_accuracy_delta(r["instances"], paired)
+            agree = [i["first_token"] for i, b in zip(r["instances"], paired) if b["score"] >= 0.5]
             scores = [_fmt(r["scores"].get(t), ".1f") for t in tasks]
             cells = [
                 f"`{r['method']}`",
