@@ -61,7 +61,8 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # sample, a 2K prefill takes 1.5 min. A revival margin of 0.5 makes a 2K prompt's first 15
     # decode steps defer 372 token-layers instead of 1,026 (median step -17 %).
     # At 4K: TTFT x2.74, decode x0.91 (first 16) and x0.97 (256) of the baseline's (stop 24,
-    # another day: x2.47, x0.99, x1.06); every=4 decoded no faster (x0.94, x0.98), so the
+    # another day: x2.47, x0.99, x1.06; stop 27: x2.31, x0.83, x0.93, whole request x1.55);
+    # every=4 decoded no faster (x0.94, x0.98), so the
     # default selects at every step. At 2K on 42 prompts: +0.8 ± 0.7 points, every passkey and
     # module name as the baseline's; at 16K one passkey kept (7:1024,15:0.5, 28 %, kept it too,
     # but a cut at 7 lost a code line at 2K and one at 8 two of 3 passkeys). Ranking (probe, 12
