@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from lazyllm_mlx.evals.scores import paired_accuracy_delta
+from lazyllm_mlx.evals.scores import by_prompt, paired_accuracy_delta
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -54,8 +54,8 @@ def _baseline_instances(instances: list[dict], base: list[dict]) -> list[dict]:
     """The baseline's instance for each of a method's, by prompt: a pooled report may hold methods
     run on fewer prompts than the baseline. Reports without prompt indices pair by position."""
     if all("index" in i for i in instances + base):
-        by_prompt = {(b["task"], b["index"]): b for b in base}
-        return [by_prompt[(i["task"], i["index"])] for i in instances]
+        base_of = by_prompt(base)
+        return [base_of[(i["task"], i["index"])] for i in instances]
     return base
 
 

@@ -12,14 +12,14 @@ import argparse
 import json
 import statistics
 
-from lazyllm_mlx.evals.scores import paired_accuracy_delta
+from lazyllm_mlx.evals.scores import by_prompt, paired_accuracy_delta
 
 
 def instances(report: dict, method: str) -> dict:
     rows = [r for r in report["results"] if r["method"] == method]
     if not rows:
         raise SystemExit(f"compare_decoding_modes: no method {method!r} in the report")
-    return {(i["task"], i["index"]): i for i in rows[0]["instances"]}
+    return by_prompt(rows[0]["instances"])
 
 
 def main() -> int:

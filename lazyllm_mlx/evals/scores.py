@@ -70,6 +70,11 @@ def prefix_fraction(a: list[int], b: list[int]) -> float:
     return common_prefix_len(a, b) / longest if longest else 1.0
 
 
+def by_prompt(records: list[dict]) -> dict[tuple[str, int], dict]:
+    """An eval report's per-prompt records keyed by (task, index), for pairing two methods' runs."""
+    return {(r["task"], r["index"]): r for r in records}
+
+
 def paired_accuracy_delta(records: list[dict], base: list[dict]) -> tuple[float, float]:
     """A method's mean accuracy minus the baseline's, in points, and its standard error.
 
