@@ -168,6 +168,12 @@ def test_scoring_cost_times_a_kept_weights_step():
     assert 0 < seconds < 5
 
 
+def test_cpu_matmul_dtypes_times_every_weight_format():
+    seconds = tool("cpu_matmul_dtypes").measure(rows=1, repeats=1)
+    assert list(seconds) == ["float32", "bfloat16", "float16", "q4"]
+    assert all(0 < s < 5 for s in seconds.values())
+
+
 def test_plot_frontier_merges_methods_of_reports_on_the_same_prompts():
     merge = tool("plot_frontier").merge
 
