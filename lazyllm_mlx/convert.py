@@ -30,6 +30,7 @@ from .families import check_supported, model_type_of
 from .generate import for_model
 from .gguf.loader import GGUF_DEFAULT_DTYPE
 from .loading import cast_floating, load_source
+from .output_files import NotARegularFile
 from .quantization_check import check_quantization
 
 DTYPES = ("float16", "bfloat16", "float32")  # as mlx_lm convert's --dtype
@@ -64,11 +65,10 @@ def convert(
     (QuantizationWarning) with a setting that would not. report: called with the measurement.
     Returns the path of the new folder.
     """
-    target = Path(mlx_path).expanduser()
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; choose another path, or overwrite it (--overwrite)"
-        )
+    source = default_model_path() if hf_path is None else hf_path
+    if Path(mlx_path).expanduser().resolve() == Path(source).expanduser().resolve():
+        raise ValueError(f"{mlx_path} is the source model: choose another output path")
+    target = _output_folder(Path(mlx_path).expanduser(), overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if not quantize and (q_bits or q_group_size or quant_predicate):
@@ -77,9 +77,6 @@ def convert(
         check_quantization_options(q_group_size, q_bits, q_mode)
     lazy = as_config(schedule)
     show = sys.stderr.isatty() if progress is None else progress
-    source = default_model_path() if hf_path is None else hf_path
-    if target.resolve() == Path(source).expanduser().resolve():
-        raise ValueError(f"{target} is the source model: choose another output path")
 
     model, tokenizer, config, src = _load_source(source, dtype, revision, trust_remote_code, show)
     if lazy is not None:
@@ -213,6 +210,25 @@ def _save(folder: Path, source: Path, model, tokenizer, config: dict) -> None:
     save(folder, source, model, tokenizer, config)
 
 
+def _output_folder(given: Path, overwrite: bool) -> Path:
+    """The folder to write (a symlink followed). Only a model folder or an empty one is ever
+    replaced: never a file, a device, or a folder of something else."""
+    target = Path(os.path.realpath(given))
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise NotARegularFile(f"{given} exists and is not a folder: refusing to replace it")
+    if not overwrite:
+        raise FileExistsError(
+            f"{given} already exists; choose another path, or overwrite it (--overwrite)"
+        )
+    if any(target.iterdir()) and not (target / "config.json").is_file():
+        raise NotARegularFile(
+            f"{given} holds no config.json, so it is not a model folder: refusing to replace it"
+        )
+    return target
+
+
 @contextmanager
 def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside `target`, renamed to `target` on success, removed on failure.
@@ -227,7 +243,7 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield folder
         _publish(folder, target, overwrite)
-    except FileExistsError:
+    except (FileExistsError, NotARegularFile):
         raise
     except OSError as error:
         raise OSError(f"cannot write {target}: {error.strerror or error}") from None
@@ -244,6 +260,7 @@ def _publish(folder: Path, target: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{target} appeared during the conversion; not replaced")
+    _output_folder(target, overwrite)  # it may have changed during the conversion
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
     old.rmdir()  # only the unique name is wanted
     os.rename(target, old)
@@ -252,7 +269,4 @@ def _publish(folder: Path, target: Path, overwrite: bool) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    shutil.rmtree(old)

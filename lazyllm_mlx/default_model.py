@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .output_files import write_atomically
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # how commands and reports name the default model
 SMOLLM2_FILE = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
@@ -106,13 +107,4 @@ def qwen_coder_model_path(cache_dir: str | Path | None = None) -> Path:
 def _write_atomically(target: Path, write: Callable[[str], None]) -> Path:
     """Write `target` under a temporary name, then rename: readers never see a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return write_atomically(target, write)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from .config import LazyConfig
 from .families import family_of
 from .generate import encode_prompt
 from .loading import check_safetensors
+from .output_files import write_atomically
 
 FORMAT = "lazyllm-mlx-cache/2"
 QUERY_MARK = "<query>"
@@ -111,18 +110,9 @@ def save_lazy_cache(
     header["checksum"] = contents_checksum(arrays, header)
     layout = {f"0.{k}": v for k, v in metadata.items()}
     layout.update({_HEADER: json.dumps(header), "1.0": MLX_LM_MARK, "2.0": ""})
-    path = Path(path)
-    tmp = None
-    try:  # errors name the file asked for, not the temporary one beside it
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
-        os.close(fd)
-        mx.save_safetensors(tmp, arrays, metadata=layout)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
-        raise OSError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+    # mx.save_safetensors appends ".safetensors" to a name without it
+    save = lambda tmp: mx.save_safetensors(tmp, arrays, metadata=layout)  # noqa: E731
+    write_atomically(path, save, suffix=".safetensors")
 
 
 def read_file(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:

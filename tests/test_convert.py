@@ -155,12 +155,36 @@ def test_mixed_bit_recipe(tmp_path, hf_folder):
 def test_refuses_to_overwrite_unless_asked(tmp_path, gguf_files):
     target = tmp_path / "out"
     target.mkdir()
+    (target / "config.json").write_text("{}")
     (target / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="already exists"):
         convert(gguf_files["llama"], target)
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "keep.txt"]
     convert(gguf_files["llama"], target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
+    assert not (target / "keep.txt").exists() and (target / "config.json").stat().st_size > 2
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_only_a_model_folder(tmp_path, gguf_files):
+    """--overwrite on a folder of something else (a home folder, a project) or on a file is
+    refused before any work; a symlink to a model folder is followed and stays a link."""
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(OSError, match="not a model folder"):
+        convert(gguf_files["llama"], other, overwrite=True)
+    assert (other / "cat.jpg").read_bytes() == b"meow"
+    plain = tmp_path / "notes.txt"
+    plain.write_text("mine")
+    with pytest.raises(OSError, match="not a folder"):
+        convert(gguf_files["llama"], plain, overwrite=True)
+    assert plain.read_text() == "mine"
+    real = tmp_path / "real"
+    convert(gguf_files["llama"], real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    convert(gguf_files["llama"], link, overwrite=True)
+    assert link.is_symlink() and (real / "config.json").is_file()
     assert leftovers(tmp_path) == []
 
 
@@ -195,6 +219,7 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_folder(tmp_path, gguf_f
         convert(gguf_files["llama"], tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
     (tmp_path / "old" / "keep.txt").write_text("mine")
     with pytest.raises(OSError, match="disk full"):
         convert(gguf_files["llama"], tmp_path / "old", overwrite=True)

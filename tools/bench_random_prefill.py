@@ -10,13 +10,13 @@ baseline and the prefill fraction. Writes the table as JSON with --json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
 from lazyllm_mlx import LazyConfig, generate_step
 from lazyllm_mlx._platform import default_dtype
+from lazyllm_mlx.output_files import write_json
 
 import mlx.core as mx
 from mlx_lm.models import llama
@@ -91,8 +91,7 @@ def main() -> None:
             f"{frac_text:>14}{ideal:>8}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(tokens=args.tokens, runs=args.runs, rows=rows), f, indent=2)
+        write_json(args.json, dict(tokens=args.tokens, runs=args.runs, rows=rows), indent=2)
 
 
 if __name__ == "__main__":

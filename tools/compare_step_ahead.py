@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import statistics
 import time
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
 from lazyllm_mlx import generate_step, load
 from lazyllm_mlx.evals.sources import real_text_tokens
+from lazyllm_mlx.output_files import write_json
 
 import mlx.core as mx
 
@@ -82,8 +82,7 @@ def main() -> None:
     if args.json:
         report = {"command": vars(args), "medians": medians}
         report["runs"] = {n: [{k: r[k] for k in keys} for r in rs] for n, rs in runs.items()}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report, indent=1)
 
 
 if __name__ == "__main__":

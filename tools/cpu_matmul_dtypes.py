@@ -11,10 +11,10 @@ OpenBLAS preloaded on Linux.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
+from lazyllm_mlx.output_files import write_json
 
 import mlx.core as mx
 
@@ -72,8 +72,7 @@ def main() -> int:
             "repeats": args.repeats,
             "seconds": {str(rows): seconds for rows, seconds in table.items()},
         }
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report, indent=1)
     return 0
 
 

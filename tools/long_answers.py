@@ -15,7 +15,6 @@ all methods back to back (interleaved), after one warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 
@@ -24,6 +23,7 @@ from lazyllm_mlx import load
 from lazyllm_mlx.config import split_schedules
 from lazyllm_mlx.evals.measure import generate_once, warm_up
 from lazyllm_mlx.generate import for_model
+from lazyllm_mlx.output_files import write_json
 
 QUESTIONS = [
     "Describe the history of the Greyholm Point lighthouse in detail.",
@@ -119,8 +119,7 @@ def main() -> int:
               f"{med('decode_tps_16'):>10.1f}{med('decode_tps'):>8.1f}{med('total'):>8.1f}"
               f"{speed:>8.2f}")  # fmt: skip
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dict(command=vars(args), records=records), f, indent=1)
+        write_json(args.json, dict(command=vars(args), records=records), indent=1)
     return 0
 
 

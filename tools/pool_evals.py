@@ -19,8 +19,9 @@ import sys
 from collections import Counter
 from typing import Any
 
-from lazyllm_mlx.cli.eval import print_table, write_json
+from lazyllm_mlx.cli.eval import print_table
 from lazyllm_mlx.evals.run import summarize_records
+from lazyllm_mlx.output_files import write_json
 
 MUST_MATCH = ("model", "tasks", "seed", "chat_template", "num_layers")
 IDENTITY = ("method", "family", "schedule", "matched_to")

@@ -14,7 +14,6 @@ breakdown of the steps by stage: each stage and each boundary's selection evalua
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -24,6 +23,7 @@ import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyStats, generate_step, load
 from lazyllm_mlx.evals.sources import real_text_tokens
 from lazyllm_mlx.generate import for_model
+from lazyllm_mlx.output_files import write_json
 
 import mlx.core as mx
 
@@ -275,8 +275,7 @@ def main() -> None:
             "stage_breakdown": breakdown,
             "attention_seconds_by_rows": {"context": context, "attention_softmax": attention},
         }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report, indent=1)
 
 
 if __name__ == "__main__":

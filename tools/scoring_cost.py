@@ -14,7 +14,6 @@ real text, so the table reads as a share of the prefill.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -26,6 +25,7 @@ from lazyllm_mlx.evals.sources import real_text_tokens
 from lazyllm_mlx.families import family_of
 from lazyllm_mlx.generate import for_model
 from lazyllm_mlx.kept_weights import KeptWeights
+from lazyllm_mlx.output_files import write_json
 from lazyllm_mlx.pruning import pool_by_position, select_top, window_attention, window_probabilities
 
 import mlx.core as mx
@@ -124,8 +124,9 @@ def main() -> int:
               f"{masked_s * 1e3:>16.2f}{kept_s * 1e3:>14.2f}"
               f"{ttft:>8.2f}{share:>16.2%}")  # fmt: skip
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dict(command=vars(args), schedule=config.to_string(), rows=rows), f, indent=1)
+        write_json(
+            args.json, dict(command=vars(args), schedule=config.to_string(), rows=rows), indent=1
+        )
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import mlx.core as mx
 from ..config import LazyConfig, split_schedules
 from ..evals.bench import format_table, run_bench
 from ..loading import load
+from ..output_files import write_json
 from .common import (
     add_model_argument,
     add_prefill_step_size_argument,
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             log=log,
         )
         if args.json:
-            Path(args.json).write_text(json.dumps(dict(context, rows=rows), indent=2))
+            write_json(args.json, dict(context, rows=rows), indent=2)
     print(f"model: {name}; device: {mx.default_device()}; median of {args.runs} runs after a "
           f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
     print(format_table(rows))

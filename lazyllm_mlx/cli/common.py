@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..default_model import DEFAULT_MODEL_NAME
+from ..output_files import check_writable
 
 MODEL_HELP = f"HF/MLX folder, hub id or .gguf file (default: {DEFAULT_MODEL_NAME})"
 SCHEDULE_DEFAULT = (
@@ -208,14 +209,13 @@ def _writable_folder(folder: Path, path: str) -> None:
 
 
 def output_file(text: str) -> str:
-    """argparse type: a file path that can be written (checked before any work is done)."""
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path")
-    if not path.parent.exists():
-        raise argparse.ArgumentTypeError(f"cannot write {text}: no folder {path.parent}")
-    _writable_folder(path.parent, text)
-    if path.exists() and not os.access(path, os.W_OK):
+    """argparse type: a regular file (or a new name) that can be written, checked before any work
+    is done; devices, FIFOs and directories are refused (see output_files)."""
+    try:
+        target = check_writable(text)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if target.exists() and not os.access(target, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: it is read-only")
     return text
 

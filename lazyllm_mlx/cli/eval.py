@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
-from pathlib import Path
 from typing import Any
 
 from ..config import split_schedules
@@ -20,6 +17,7 @@ from ..evals.baselines import BaselineStore
 from ..evals.run import best_schedule, evaluate
 from ..evals.tasks import TASKS
 from ..loading import load
+from ..output_files import write_json
 from .common import (
     add_model_argument,
     command_line,
@@ -229,11 +227,3 @@ def run(args: argparse.Namespace) -> int:
 
         plot_report(report, args.plot)
     return 0
-
-
-def write_json(path: str, report: dict[str, Any]) -> None:
-    """Replace `path` whole (a reader never sees half a report)."""
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.partial")
-    temporary.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    os.replace(temporary, target)

@@ -4,11 +4,11 @@ earliest single cut that keeps it (see lazyllm_mlx/evals/probe.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..config import LazyConfig
 from ..evals.probe import PROBE_TASKS, probe, suggest
 from ..loading import load
+from ..output_files import write_json
 from .common import (
     add_model_argument,
     command_line,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         reports.append(report)
         print_report(report, args.target)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dict(model=model_label(args.model), command=command_line(args, "probe"),
-                           tasks=list(PROBE_TASKS), reports=reports), f, indent=1)  # fmt: skip
+        command = command_line(args, "probe")
+        write_json(args.json, dict(model=model_label(args.model), command=command,
+                                   tasks=list(PROBE_TASKS), reports=reports))  # fmt: skip
     return 0

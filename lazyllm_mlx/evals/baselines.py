@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..output_files import write_atomically
 from ..prompt_cache import model_fingerprint
 from .tasks import Task
 
@@ -48,18 +47,11 @@ class BaselineStore:
     def put(self, task: Task, tokens: list[int], text: str, ttft: float, logprobs) -> None:
         """Write atomically: a concurrent or interrupted run never leaves a partial file."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(task)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".baseline-", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(
-                tmp,
-                tokens=np.array(tokens, dtype=np.int64),
-                text=np.array(text),
-                ttft=np.array(ttft),
-                logprobs=np.asarray(logprobs, dtype=np.float32),
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        arrays = dict(
+            tokens=np.array(tokens, dtype=np.int64),
+            text=np.array(text),
+            ttft=np.array(ttft),
+            logprobs=np.asarray(logprobs, dtype=np.float32),
+        )
+        # np.savez appends ".npz" to a name without it
+        write_atomically(self._path(task), lambda tmp: np.savez(tmp, **arrays), suffix=".npz")

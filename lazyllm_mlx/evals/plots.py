@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..output_files import write_atomically
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot drawing to files, or a ValueError saying how to install it."""
@@ -24,6 +26,11 @@ def pyplot() -> Any:
             "Plots need matplotlib: pip install 'lazyllm-mlx[plot]' (or pip install matplotlib)."
         ) from None
     return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Save a PNG whole, in place of `path` (a regular file or a new name only)."""
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def plot_speedup(rows: list[dict[str, Any]], path: str | Path, title: str) -> None:
@@ -40,7 +47,7 @@ def plot_speedup(rows: list[dict[str, Any]], path: str | Path, title: str) -> No
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -63,7 +70,7 @@ def plot_tokens_per_layer(rows: list[dict[str, Any]], path: str | Path, title: s
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -134,7 +141,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"lazyllm-mlx eval: {Path(report.get('model', '')).name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
