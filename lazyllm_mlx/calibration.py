@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import mlx.nn as nn
+
+from . import calibration_store
+from .calibration_store import PRESET_NAMES
 from .config import LazyConfig
+from .families import architecture_of, model_type_of
+
+# What the `schedule:` line says of a model with no calibration: how to get one.
+UNCALIBRATED = "generic layout: this model is not calibrated; `lazyllm-mlx calibrate` measures it"
 
 # The preset a family runs when no schedule is given or stored and its model has no calibrated
 # `default` (CALIBRATED), where measurement chose another: Gemma 3 270M lost 8-12 points with the
@@ -77,22 +85,34 @@ CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
 }
 
 
-def calibrated(config: LazyConfig, architecture: tuple) -> LazyConfig:
-    """`config` as it applies to a model: a preset the model has a calibration of becomes that
-    calibration, with the options given after the preset (`default;norevive`)."""
-    table = CALIBRATED.get(tuple(architecture), {})
+def resolve_preset(config: LazyConfig, model: nn.Module) -> LazyConfig:
+    """`config` as it applies to `model`: the presets `default`, `fast` and `safe` become, in this
+    order, the model's own calibration (stored with it or in the user's store), the calibration
+    shipped here for its architecture (CALIBRATED), or the generic layout of config.PRESETS; the
+    options given after the preset (`default;norevive`) apply on top. `source` says which."""
     preset = config.from_preset
+    if preset not in PRESET_NAMES:
+        return config
+    own = calibration_store.find(model)
+    if own is not None:
+        table, source = own.schedules, f"calibrated for this model ({own.origin})"
+    elif tuple(architecture_of(model)) in CALIBRATED:
+        table, source = CALIBRATED[tuple(architecture_of(model))], "shipped calibration"
+    else:
+        return replace(config, source=UNCALIBRATED)
     if preset == "fast" and "fast" not in table:
         preset = "default"  # nothing measured prunes harder: never slower than its default
     if preset not in table:
-        return config
+        return replace(config, source=source)
     text = ";".join([table[preset], *config.preset_options])
-    return replace(LazyConfig.parse(text), name=config.name, from_preset=None, preset_options=())
+    parsed = LazyConfig.parse(text)
+    return replace(parsed, name=config.name, from_preset=None, preset_options=(), source=source)
 
 
-def family_default(model_type: str, architecture: tuple = ()) -> LazyConfig:
-    """`default` where the model has its own calibration of it, else the preset chosen for its
-    family, else `default`."""
-    if "default" in CALIBRATED.get(tuple(architecture), {}):
+def family_default(model: nn.Module) -> LazyConfig:
+    """`default` where the model has a calibration of it (its own or shipped), else the preset
+    chosen for its family, else `default`."""
+    own = calibration_store.find(model)
+    if own is not None or "default" in CALIBRATED.get(tuple(architecture_of(model)), {}):
         return LazyConfig.preset("default")
-    return LazyConfig.preset(FAMILY_PRESETS.get(model_type, "default"))
+    return LazyConfig.preset(FAMILY_PRESETS.get(model_type_of(model), "default"))

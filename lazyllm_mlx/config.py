@@ -129,6 +129,8 @@ class LazyConfig:
     # own calibration of that preset runs the calibration instead (see `calibrated`).
     from_preset: str | None = field(default=None, compare=False, repr=False)
     preset_options: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # Where a preset's schedule for this model came from (calibration.resolve_preset).
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "boundaries", tuple(self.boundaries))
@@ -201,10 +203,8 @@ class LazyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        del (
-            d["from_preset"],
-            d["preset_options"],
-        )  # a stored schedule is explicit: it stays as stored
+        # a stored schedule is explicit: it stays as stored
+        del d["from_preset"], d["preset_options"], d["source"]
         d["boundaries"], d["keep"] = list(self.boundaries), list(self.keep)
         return d
 

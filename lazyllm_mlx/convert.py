@@ -18,12 +18,15 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import calibration_store
+from .calibration_store import Calibration
 from .config import LazyConfig, as_config
 from .default_model import default_model_path
 from .families import check_supported, model_type_of
@@ -79,6 +82,9 @@ def convert(
     show = sys.stderr.isatty() if progress is None else progress
 
     model, tokenizer, config, src = _load_source(source, dtype, revision, trust_remote_code, show)
+    if src.is_dir():
+        object.__setattr__(model, "lazyllm_folder", str(src))
+    measured = calibration_store.find(model)  # the source's own calibration travels with it
     if lazy is not None:
         check_supported(model_type_of(model))
         lazy = for_model(lazy, model)  # a preset as it applies to this model
@@ -91,9 +97,22 @@ def convert(
             _check(model, tokenizer, q_group_size, q_bits, q_mode, predicate, report)
         model, config = _quantize(model, config, q_group_size, q_bits, q_mode, predicate)
     _evaluate(model, show)
+    carried = _carried(measured, model) if measured is not None else None
     with _staging(target, overwrite) as folder:
-        _save(folder, src, model, tokenizer, config)
+        _save(folder, src, model, tokenizer, config)  # empties `model` (mlx-lm donates it)
+        if carried is not None:
+            calibration_store.write(carried, folder / calibration_store.MODEL_FILE)
     return target
+
+
+def _carried(measured: Calibration, model: nn.Module) -> Calibration:
+    """The source's calibration for the converted model: under its fingerprint (a quantization
+    has its own), naming the one it was measured on."""
+    converted = calibration_store.fingerprint(model)
+    carried = replace(measured, fingerprint=converted)
+    if converted != measured.fingerprint:
+        carried.measured_on = measured.measured_on or measured.fingerprint
+    return carried
 
 
 def _load_source(source, dtype, revision, trust_remote_code, show) -> tuple[Any, Any, dict, Path]:

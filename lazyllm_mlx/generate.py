@@ -20,10 +20,10 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
-from .calibration import calibrated, family_default
+from .calibration import family_default, resolve_preset
 from .config import LazyConfig, as_config
 from .engine import LazyStats, decode_step_keeps_selection, lazy_forward
-from .families import architecture_of, family_of, model_type_of
+from .families import family_of
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -49,9 +49,9 @@ class GenerationResponse:
 
 def for_model(lazy: LazyConfig | str | dict | None, model: nn.Module) -> LazyConfig | None:
     """The schedule `lazy` names, as it applies to `model`: a preset the model has a calibration
-    of (calibration.CALIBRATED) becomes that calibration."""
+    of (its own, or one shipped for its architecture) becomes that calibration."""
     config = as_config(lazy)
-    return None if config is None else calibrated(config, architecture_of(model))
+    return None if config is None else resolve_preset(config, model)
 
 
 def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCache:
@@ -67,11 +67,11 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
 
 def default_schedule(model: nn.Module) -> LazyConfig:
     """The schedule to run `model` with when none is asked for: the one stored with it by
-    `convert --schedule`, else the preset calibrated for its family, else `default`."""
+    `convert --schedule`, else its calibrated `default`, else the preset for its family."""
     stored = getattr(model, "lazyllm_schedule", None)
     if stored is not None:
         return as_config(stored)
-    return for_model(family_default(model_type_of(model), architecture_of(model)), model)
+    return for_model(family_default(model), model)
 
 
 def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:

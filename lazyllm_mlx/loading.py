@@ -2,7 +2,8 @@
 
 Returns what `mlx_lm.load` returns. On the CPU floating weights are cast to float32 (other float
 types are slow there); quantized weights and their scales are left alone. A `"lazyllm"` key in a
-folder's config.json (a stored pruning schedule) is carried as `model.lazyllm_schedule`.
+folder's config.json (a stored pruning schedule) is carried as `model.lazyllm_schedule`, and the
+folder itself as `model.lazyllm_folder` (a calibration may be stored there).
 `load_source` is the one path from a source to a model, which `convert` takes too.
 """
 
@@ -41,7 +42,7 @@ def load(
     (MLX affine, 4 or 8 bits) and its other weights become float16, and other models keep their
     stored dtype.
     """
-    model, tokenizer, config, _ = load_source(
+    model, tokenizer, config, local = load_source(
         path_or_hf_repo,
         dtype or default_dtype(),
         tokenizer_config=tokenizer_config,
@@ -53,6 +54,8 @@ def load(
     if isinstance(config.get("lazyllm"), dict):
         # Not a child module or parameter: keep it out of mlx's parameter tree.
         object.__setattr__(model, "lazyllm_schedule", dict(config["lazyllm"]))
+    if Path(local).is_dir():  # where a calibration stored with the model is looked for
+        object.__setattr__(model, "lazyllm_folder", str(local))
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 

@@ -15,6 +15,7 @@ COMMANDS = {
     "cache-prompt": ("lazyllm_mlx.cli.cache_prompt", "prefill a long document once, save it"),
     "serve": ("lazyllm_mlx.cli.serve", "OpenAI-compatible HTTP server (LazyLLM prefill)"),
     "probe": ("lazyllm_mlx.cli.probe", "which layers find a prompt's answer: where to cut"),
+    "calibrate": ("lazyllm_mlx.cli.calibrate", "measure a model's schedules once, use them always"),
 }
 
 

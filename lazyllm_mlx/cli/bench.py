@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from ..config import LazyConfig, split_schedules
 from ..evals.bench import format_table, run_bench
+from ..generate import for_model
 from ..loading import load
 from ..output_files import write_json
 from .common import (
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {name}; device: {mx.default_device()}; median of {args.runs} runs after a "
           f"warm-up; {args.max_tokens} generated tokens per run")  # fmt: skip
     print(format_table(rows))
+    for text in schedules:
+        config = for_model(text, model)
+        if config is not None and config.source:
+            print(f"schedule: {text} = {config.to_string()}   ({config.source})")
     if args.plot_dir:
         from ..evals.plots import plot_speedup, plot_tokens_per_layer
 

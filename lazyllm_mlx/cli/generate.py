@@ -185,6 +185,7 @@ def run_once(
     return dict(
         schedule=lazy.to_string() if lazy is not None else "baseline",
         preset=lazy.name if lazy is not None else None,
+        source=lazy.source if lazy is not None else None,
         text=run.text,
         tokens=run.generated_tokens,  # the EOS token is reported, not generated text
         ttft=last.ttft,
@@ -237,6 +238,8 @@ def print_comparison(base: dict, lazy: dict, agree: dict, unpruned: str | None =
         print(f"{'TTFT speed-up':<22}{'':>14}{'none':>14}")
     named = f"{lazy['preset']} = " if lazy.get("preset") else ""
     print(f"schedule: {named}{lazy['schedule']}   (* baseline computes every token at every layer)")
+    if lazy.get("source"):
+        print(f"schedule source: {lazy['source']}")
     if unpruned is not None:
         print(
             f"nothing was pruned: {unpruned}; both runs did the same work, so their TTFT "
@@ -331,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
         cached = f" (+{report['cached_tokens']} cached)" if report["cached_tokens"] else ""
         print(f"Prompt: {len(tokens)} tokens{cached}, {result['prompt_tps']:.3f} tokens-per-sec")
         print(f"Time to first token: {result['ttft']:.3f} s ({result['schedule']})")
+        if result.get("source"):
+            print(f"Schedule source: {result['source']}")
         print(
             f"Generation: {result['generation_tokens']} tokens, "
             f"{result['generation_tps']:.3f} tokens-per-sec"

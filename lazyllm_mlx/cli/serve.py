@@ -128,6 +128,8 @@ def _serve(server, args: argparse.Namespace) -> int:
         cache_bytes=args.prompt_cache_bytes,
     )
     schedule = "off (plain mlx-lm)" if lazy is None else lazy.name or lazy.to_string()
+    if lazy is not None and lazy.source:
+        schedule += f" = {lazy.to_string()}; {lazy.source}"
     print(
         f"lazyllm-mlx serve: {server.service.model_id} on {server.url} (schedule: {schedule}); "
         "one generation at a time, Ctrl-C to stop",

@@ -1,0 +1,266 @@
+"""`calibrate`: measure where a model retrieves, choose its schedules, verify them, store them.
+
+1. Probe (evals.probe): one plain forward pass per needle prompt (passkey, key-value,
+   multi-document) ranks the tokens at every layer with the window rule; the recall of the answer
+   tokens at each layer and keep says what a cut there would keep.
+2. Choose: the layout of one to three cuts with the smallest prefill fraction whose every cut
+   keeps at least `target` of the answer tokens (a later cut keeps half of what came before it).
+   The first cut keeps a token budget (its keep times the probe length), so the kept share falls
+   as prompts grow; decoding revives with a margin of 0.5, as every shipped calibration does.
+3. Verify on other prompts, code completion among them, against the baseline: no answer the
+   baseline gets right may get worse, nor its first token change. A failure backs off to a rung
+   that keeps more (twice the budget and one cut fewer, then one cut keeping 60 %), saying so.
+
+The cost is `probe_prompts` x 3 baseline prefills, `verify_prompts` x 4 baseline generations
+(kept in a baseline cache, so a rerun skips them) and as many lazy ones per rung tried.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .calibration_store import Calibration, fingerprint, save_to_store, store_dir
+from .config import LazyConfig
+from .evals.baselines import BaselineStore
+from .evals.probe import PROBE_TASKS, probe
+from .evals.run import SOLVED, evaluate
+from .evals.scores import by_prompt
+from .evals.tasks import TASKS
+from .families import architecture_of, check_supported, family_of, model_type_of
+
+WINDOW_RULE = "w=64;pool=13;heads=max;sink=4"
+DECODING = "margin=0.5;min=256"
+KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
+BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
+SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
+
+
+@dataclass
+class CalibrateOptions:
+    """How much to measure. The defaults cost ~12 + 8 baseline prefills of `length` tokens."""
+
+    length: int = 2048
+    probe_prompts: int = 4  # per probe task (3 tasks)
+    verify_prompts: int = 2  # per eval task (4 tasks), other prompts than the probe's
+    target: float = 0.95  # mean recall of the answer tokens every cut must reach
+    seed: int = 0
+    max_cuts: int = 3
+
+
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    options: CalibrateOptions | None = None,
+    *,
+    label: str = "",
+    command: str = "",
+    baselines: BaselineStore | None = None,
+    progress: Callable[[str], None] | None = None,
+    say: Callable[[str], None] = lambda _: None,
+    save: bool = True,
+) -> Calibration:
+    """Measure, choose and verify `model`'s schedules and (with `save`) store them in the user's
+    store, where every later load of this model finds them; returns the Calibration.
+    progress: called once per forward pass or generation done; say: one line per decision."""
+    options = options or CalibrateOptions()
+    check_supported(model_type_of(model))  # before any work
+    if options.length < 256 or options.probe_prompts < 1 or options.verify_prompts < 1:
+        raise ValueError("calibrate needs a length of at least 256 tokens and 1+ prompts each")
+    if baselines is None:
+        baselines = BaselineStore(store_dir() / "baselines", model)
+    tick = progress or (lambda _: None)
+    rule = LazyConfig.parse(f"none;{WINDOW_RULE}")
+    report = probe(model, tokenizer, [rule], length=options.length, num=options.probe_prompts,
+                   keeps=list(KEEPS), seed=options.seed, log=tick)  # fmt: skip
+    recall = {(r["layer"], r["keep"]): r["mean"] for r in report["rows"]}
+    num_layers = family_of(model).num_layers
+    ladder = back_off_ladder(recall, num_layers, options)
+    if not ladder:
+        raise ValueError(
+            f"no layer keeps {options.target:.0%} of the answer tokens even at keep "
+            f"{max(KEEPS):g}: this model is not one to prune (the generic layout stays)"
+        )
+    prompts = options.probe_prompts * len(PROBE_TASKS)
+    say(f"probe: {len(report['rows']) // len(KEEPS)} layers ranked on {prompts} prompts; "
+        "candidates, cheapest first:")  # fmt: skip
+    for text in ladder:
+        say(f"  {text}  ({expected_fraction(text, num_layers, options.length):.1%} at "
+            f"{options.length} tokens)")  # fmt: skip
+    rungs, chosen = [], None
+    for i, text in enumerate(ladder):
+        summary = verify(model, tokenizer, text, options, baselines, tick)
+        verdict = verdict_of(summary)
+        rungs.append(dict(schedule=text, verdict=verdict, **_evidence(summary)))
+        say(f"verify {text}: {verdict or 'holds'} ({_line(summary)})")
+        if verdict is None:
+            chosen = i
+            break
+        if i + 1 < len(ladder):
+            say("  backing off to a schedule that keeps more")
+    schedules = _schedules(ladder, chosen)
+    if chosen is None:
+        say("no candidate held: the calibration stores the safest one as 'safe' only")
+    calibration = Calibration(
+        fingerprint=fingerprint(model),
+        architecture=tuple(architecture_of(model)),
+        schedules=schedules,
+        model=label,
+        command=command,
+        created=datetime.datetime.now().isoformat(timespec="seconds"),
+        evidence=dict(
+            options=vars(options),
+            probe={f"{layer}:{keep:g}": round(value, 4) for (layer, keep), value in recall.items()},
+            rungs=rungs,
+            expected_prefill_fraction={
+                name: {n: round(expected_fraction(text, num_layers, n), 4) for n in SIZES}
+                for name, text in schedules.items()
+            },
+        ),
+    )
+    if save:
+        save_to_store(calibration, model)
+    return calibration
+
+
+SIZES = (2048, 8192, 32768)  # prompt lengths the expected prefill fraction is reported at
+
+
+def _schedules(ladder: list[str], chosen: int | None) -> dict[str, str]:
+    if chosen is None:  # nothing verified: no default; `safe` keeps the most
+        return {"default": ladder[-1], "safe": ladder[-1]}
+    safer = ladder[min(chosen + 1, len(ladder) - 1)]
+    return {"default": ladder[chosen], "safe": safer}
+
+
+def back_off_ladder(
+    recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
+) -> list[str]:
+    """Schedules to verify, from the cheapest layout the probe allows to one that keeps most."""
+    best = cheapest_layout(recall, num_layers, options)
+    if best is None:
+        return []
+    (first, keep), *later = best
+    budget = _budget(keep, options.length)
+    ladder = [_text([(first, budget), *[(b, 0.5) for b, _ in later]])]
+    if later or 2 * budget < options.length:
+        ladder.append(_text([(first, 2 * budget), *[(b, 0.5) for b, _ in later[:-1]]]))
+    ladder.append(_text([(first, SAFE_KEEP)]))
+    return list(dict.fromkeys(ladder))
+
+
+def cheapest_layout(
+    recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
+) -> list[tuple[int, float]] | None:
+    """The cuts [(boundary, keep of all tokens), ...] of least prefill fraction such that the
+    layer before each boundary ranks `target` of the answer tokens into its keep; after the
+    first cut each later one keeps half (so keep of all tokens halves)."""
+    good = {(layer + 1, keep) for (layer, keep), r in recall.items() if r >= options.target}
+    good = {(b, k) for b, k in good if b < num_layers}
+    best, best_cost = None, math.inf
+    for first, keep in good:
+        chains = [[(first, keep)]]
+        for _ in range(options.max_cuts - 1):
+            grown = []
+            for chain in chains:
+                last, kept = chain[-1]
+                half = _grid_at_most(kept / 2)
+                grown += [chain + [(b, half)] for b in range(last + 1, num_layers)
+                          if half is not None and (b, half) in good]  # fmt: skip
+            chains += grown
+        for chain in chains:
+            cost = _cost(chain, num_layers)
+            if cost < best_cost - 1e-9:
+                best, best_cost = chain, cost
+    return best
+
+
+def _grid_at_most(value: float) -> float | None:
+    """The largest probed keep not above `value` (a later cut's share of all tokens)."""
+    below = [k for k in KEEPS if k <= value + 1e-9]
+    return max(below) if below else None
+
+
+def _cost(chain: list[tuple[int, float]], num_layers: int) -> float:
+    edges = [b for b, _ in chain] + [num_layers]
+    work, share = chain[0][0], 1.0
+    for (b, keep), end in zip(chain, edges[1:]):
+        share = keep
+        work += share * (end - b)
+    return work / num_layers
+
+
+def _budget(keep: float, length: int) -> int:
+    """A first cut's keep at the probe length, as tokens: up to a whole number of steps."""
+    return max(BUDGET_STEP, BUDGET_STEP * math.ceil(min(keep, 1.0) * length / BUDGET_STEP))
+
+
+def _text(cuts: list[tuple[int, float]]) -> str:
+    layout = ",".join(f"{b}:{k:g}" for b, k in cuts)
+    return f"{layout};{DECODING};{WINDOW_RULE}"
+
+
+def expected_fraction(text: str, num_layers: int, num_tokens: int) -> float:
+    """The prefill fraction `text` computes on a fresh `num_tokens`-token prompt."""
+    config = LazyConfig.parse(text)
+    if num_tokens < config.min_prompt_tokens:
+        return 1.0
+    return config.resolve(num_layers).prefill_fraction(num_tokens)
+
+
+def verify(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    options: CalibrateOptions,
+    baselines: BaselineStore,
+    tick: Callable[[str], None],
+) -> dict[str, Any]:
+    """The eval's summary of `text` on prompts the probe did not see, each record carrying the
+    baseline's score on its prompt as `base_score`."""
+    report = evaluate(
+        model, tokenizer, schedules=[text], lengths=[options.length], tasks=list(TASKS),
+        num=options.verify_prompts, seed=options.seed + 1, first_prompt=options.probe_prompts,
+        references=False, include_none=False, log=tick, baselines=baselines,
+    )  # fmt: skip
+    base = next(r for r in report["results"] if r["family"] == "baseline")
+    summary = next(r for r in report["results"] if r["family"] == "lazy")
+    base_scores = {key: r["score"] for key, r in by_prompt(base["instances"]).items()}
+    for key, record in by_prompt(summary["instances"]).items():
+        record["base_score"] = base_scores[key]
+    return summary
+
+
+def verdict_of(summary: dict[str, Any]) -> str | None:
+    """None when the schedule holds: every prompt the baseline solves is answered as well
+    (within 0.1 of its score) and starts with the baseline's first token; else why not."""
+    lost = [r for r in summary["instances"] if r["base_score"] >= SOLVED
+            and r["score"] < r["base_score"] - 0.1]  # fmt: skip
+    changed = [
+        r for r in summary["instances"] if r["base_score"] >= SOLVED and not r["first_token"]
+    ]
+    if lost:
+        names = ", ".join(f"{r['task']}#{r['index']}" for r in lost)
+        return f"fails: {len(lost)} answer(s) the baseline gets right got worse ({names})"
+    if changed:
+        return f"fails: the first token changed on {len(changed)} prompt(s) the baseline solves"
+    return None
+
+
+def _evidence(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy_delta", "accuracy_delta_se", "first_token", "first_token_where_right",
+            "kl", "continuation", "prefill_fraction", "ttft_speedup", "scores")  # fmt: skip
+    evidence = {k: summary[k] for k in keys}
+    evidence["prompts"] = len(summary["instances"])
+    return evidence
+
+
+def _line(summary: dict[str, Any]) -> str:
+    right = summary["first_token_where_right"]
+    right = "n/a" if right is None else f"{right:.0%}"
+    return (f"{len(summary['instances'])} prompts, Δ {summary['accuracy_delta']:+.1f} ± "
+            f"{summary['accuracy_delta_se']:.1f} points, first token {right} where right, KL "
+            f"{summary['kl']:.3f}, prefill {summary['prefill_fraction']:.1%}")  # fmt: skip
