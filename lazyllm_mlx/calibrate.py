@@ -37,6 +37,7 @@ DECODING = "margin=0.5;min=256"
 KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
 SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
+MOST = 0.95  # a candidate computing this share of the token-layers or more is not worth verifying
 
 
 @dataclass
@@ -139,17 +140,23 @@ def _schedules(ladder: list[str], chosen: int | None) -> dict[str, str]:
 def back_off_ladder(
     recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
 ) -> list[str]:
-    """Schedules to verify, from the cheapest layout the probe allows to one that keeps most."""
+    """Schedules to verify, cheapest first: the layout the probe allows, then one cut fewer and
+    twice the budget (where that still prunes), then one cut keeping SAFE_KEEP; none that would
+    compute nearly everything at the probe length."""
     best = cheapest_layout(recall, num_layers, options)
     if best is None:
         return []
     (first, keep), *later = best
     budget = _budget(keep, options.length)
-    ladder = [_text([(first, budget), *[(b, 0.5) for b, _ in later]])]
-    if later or 2 * budget < options.length:
-        ladder.append(_text([(first, 2 * budget), *[(b, 0.5) for b, _ in later[:-1]]]))
-    ladder.append(_text([(first, SAFE_KEEP)]))
-    return list(dict.fromkeys(ladder))
+    wider = 2 * budget if 2 * budget < options.length else budget
+    candidates = [
+        _text([(first, budget), *[(b, 0.5) for b, _ in later]]),
+        _text([(first, wider), *[(b, 0.5) for b, _ in later[:-1]]]),
+        _text([(first, SAFE_KEEP)]),
+    ]
+    fraction = {c: expected_fraction(c, num_layers, options.length) for c in candidates}
+    pruning = [c for c in dict.fromkeys(candidates) if fraction[c] < MOST]
+    return sorted(pruning, key=fraction.get)
 
 
 def cheapest_layout(

@@ -102,7 +102,8 @@ def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
 
 
 PUBLIC_API = [
-    "GenerationResponse", "LazyCache", "LazyConfig", "LazyStats", "convert", "default_schedule",
+    "CalibrateOptions", "GenerationResponse", "LazyCache", "LazyConfig", "LazyStats", "calibrate",
+    "convert", "default_schedule",
     "generate", "generate_step", "load", "load_lazy_cache", "make_lazy_cache", "save_lazy_cache",
     "stream_generate",
 ]  # fmt: skip

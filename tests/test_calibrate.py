@@ -38,10 +38,14 @@ def test_the_cheapest_layout_cuts_after_the_retrieving_layers():
     options = CalibrateOptions(length=2048)
     assert cheapest_layout(recall, 30, options) == [(8, 0.3), (18, 0.15)]
     assert back_off_ladder(recall, 30, options) == [
-        "8:640,18:0.5" + RULE,  # 0.3 x 2048 tokens, up to a multiple of 128
-        "8:1280" + RULE,  # twice the budget, one cut fewer
-        "8:0.6" + RULE,
+        "8:640,18:0.5" + RULE,  # 0.3 x 2048 tokens, up to a multiple of 128: 42.7 %
+        "8:0.6" + RULE,  # 70.7 %
+        "8:1280" + RULE,  # twice the budget, one cut fewer: 72.5 %
     ]
+    # a budget that would keep the whole probe length is not doubled, and nothing that computes
+    # (nearly) everything is worth verifying
+    wide = back_off_ladder(table({14: 0.5, 18: 0.25}), 30, options)
+    assert wide == ["15:1024,19:0.5" + RULE, "15:1024" + RULE, "15:0.6" + RULE]
     # a layer that finds nothing at any keep leaves nothing to verify
     assert back_off_ladder(table({}), 30, options) == []
     # the last layer ranks for no boundary
