@@ -3,10 +3,11 @@
 1. Probe (evals.probe): one plain forward pass per needle prompt (passkey, key-value,
    multi-document) ranks the tokens at every layer with the window rule; the recall of the answer
    tokens at each layer and keep says what a cut there would keep.
-2. Choose: the layout of one to three cuts with the smallest prefill fraction whose every cut
-   keeps at least `target` of the answer tokens (a later cut keeps half of what came before it).
-   The first cut keeps a token budget (its keep times the probe length), so the kept share falls
-   as prompts grow; decoding revives with a margin of 0.5, as every shipped calibration does.
+2. Choose: the layout of one to three cuts with the smallest prefill fraction at the probe
+   length whose every cut keeps at least `target` of the answer tokens, each later cut keeping
+   less. The first cut keeps a token budget (its keep times the probe length), so the kept share
+   falls as prompts grow; later cuts keep a share of what reaches them. Decoding revives with a
+   margin of 0.5, as every shipped calibration does.
 3. Verify on other prompts, code completion among them, against the baseline: no answer the
    baseline gets right may get worse, nor its first token change. A failure backs off to a rung
    that keeps more (twice the budget and one cut fewer, then one cut keeping 60 %), saying so.
@@ -18,6 +19,7 @@ The cost is `probe_prompts` x 3 baseline prefills, `verify_prompts` x 4 baseline
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from .families import architecture_of, check_supported, family_of, model_type_of
 
 WINDOW_RULE = "w=64;pool=13;heads=max;sink=4"
 DECODING = "margin=0.5;min=256"
-KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
+KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
 BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
 SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
 MOST = 0.95  # a candidate computing this share of the token-layers or more is not worth verifying
@@ -150,9 +152,9 @@ def back_off_ladder(
     budget = _budget(keep, options.length)
     wider = 2 * budget if 2 * budget < options.length else budget
     candidates = [
-        _text([(first, budget), *[(b, 0.5) for b, _ in later]]),
-        _text([(first, wider), *[(b, 0.5) for b, _ in later[:-1]]]),
-        _text([(first, SAFE_KEEP)]),
+        _text((first, budget), later, keep),
+        _text((first, wider), later[:-1], keep),
+        _text((first, SAFE_KEEP), [], keep),
     ]
     fraction = {c: expected_fraction(c, num_layers, options.length) for c in candidates}
     pruning = [c for c in dict.fromkeys(candidates) if fraction[c] < MOST]
@@ -162,42 +164,28 @@ def back_off_ladder(
 def cheapest_layout(
     recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
 ) -> list[tuple[int, float]] | None:
-    """The cuts [(boundary, keep of all tokens), ...] of least prefill fraction such that the
-    layer before each boundary ranks `target` of the answer tokens into its keep; after the
-    first cut each later one keeps half (so keep of all tokens halves)."""
-    good = {(layer + 1, keep) for (layer, keep), r in recall.items() if r >= options.target}
-    good = {(b, k) for b, k in good if b < num_layers}
-    best, best_cost = None, math.inf
-    for first, keep in good:
-        chains = [[(first, keep)]]
-        for _ in range(options.max_cuts - 1):
-            grown = []
-            for chain in chains:
-                last, kept = chain[-1]
-                half = _grid_at_most(kept / 2)
-                grown += [chain + [(b, half)] for b in range(last + 1, num_layers)
-                          if half is not None and (b, half) in good]  # fmt: skip
-            chains += grown
-        for chain in chains:
-            cost = _cost(chain, num_layers)
-            if cost < best_cost - 1e-9:
-                best, best_cost = chain, cost
-    return best
+    """The cuts [(boundary, keep of all tokens), ...], each keeping less than the one before,
+    of least prefill fraction at the probe length such that the layer before each boundary
+    ranks `target` of the answer tokens into its keep; None if no single cut does."""
+    good = sorted((layer + 1, keep) for (layer, keep), r in recall.items()
+                  if r >= options.target and layer + 1 < num_layers)  # fmt: skip
 
+    @functools.cache
+    def rest(b: int, keep: float, cuts_left: int) -> tuple[float, tuple]:
+        """Least token-layers from boundary b on (keeping `keep`), and the later cuts."""
+        best = (keep * (num_layers - b), ())
+        if cuts_left:
+            for b2, k2 in good:
+                if b2 > b and k2 < keep:
+                    work, after = rest(b2, k2, cuts_left - 1)
+                    if keep * (b2 - b) + work < best[0] - 1e-9:
+                        best = (keep * (b2 - b) + work, ((b2, k2), *after))
+        return best
 
-def _grid_at_most(value: float) -> float | None:
-    """The largest probed keep not above `value` (a later cut's share of all tokens)."""
-    below = [k for k in KEEPS if k <= value + 1e-9]
-    return max(below) if below else None
-
-
-def _cost(chain: list[tuple[int, float]], num_layers: int) -> float:
-    edges = [b for b, _ in chain] + [num_layers]
-    work, share = chain[0][0], 1.0
-    for (b, keep), end in zip(chain, edges[1:]):
-        share = keep
-        work += share * (end - b)
-    return work / num_layers
+    if not good:
+        return None
+    work, first = min((b + rest(b, k, options.max_cuts - 1)[0], (b, k)) for b, k in good)
+    return [first, *rest(*first, options.max_cuts - 1)[1]]
 
 
 def _budget(keep: float, length: int) -> int:
@@ -205,7 +193,13 @@ def _budget(keep: float, length: int) -> int:
     return max(BUDGET_STEP, BUDGET_STEP * math.ceil(min(keep, 1.0) * length / BUDGET_STEP))
 
 
-def _text(cuts: list[tuple[int, float]]) -> str:
+def _text(first: tuple[int, float], later: list[tuple[int, float]], keep: float) -> str:
+    """A schedule string: the first cut as given (a budget or a share), each later cut keeping
+    its share of all tokens relative to the cut before it, rounded up to a hundredth."""
+    cuts, before = [first], keep
+    for b, k in later:
+        cuts.append((b, min(1.0, math.ceil(100 * k / before - 1e-6) / 100)))
+        before = k
     layout = ",".join(f"{b}:{k:g}" for b, k in cuts)
     return f"{layout};{DECODING};{WINDOW_RULE}"
 

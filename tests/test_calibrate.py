@@ -33,12 +33,13 @@ def table(good: dict[int, float], layers: int = 30) -> dict[tuple[int, float], f
 
 
 def test_the_cheapest_layout_cuts_after_the_retrieving_layers():
-    # answers found at layer 7 keeping 30 %, at layer 17 keeping 10 %: cut at 8, halve at 18
+    # answers found at layer 7 keeping 30 %, at layer 17 keeping 10 %: cut at 8 and 18
     recall = table({7: 0.3, 17: 0.1})
     options = CalibrateOptions(length=2048)
-    assert cheapest_layout(recall, 30, options) == [(8, 0.3), (18, 0.15)]
+    assert cheapest_layout(recall, 30, options) == [(8, 0.3), (18, 0.1)]
     assert back_off_ladder(recall, 30, options) == [
-        "8:640,18:0.5" + RULE,  # 0.3 x 2048 tokens, up to a multiple of 128: 42.7 %
+        # 0.3 x 2048 tokens, up to a multiple of 128, then a third of those (rounded up): 41.3 %
+        "8:640,18:0.34" + RULE,
         "8:0.6" + RULE,  # 70.7 %
         "8:1280" + RULE,  # twice the budget, one cut fewer: 72.5 %
     ]
@@ -65,6 +66,7 @@ def test_every_cut_chosen_keeps_the_answer_and_none_cheaper_exists(good, max_cut
         assert layout is None
         return
     assert 1 <= len(layout) <= max_cuts
+    assert all(k2 < k1 for (_, k1), (_, k2) in zip(layout, layout[1:]))  # each keeps less
     for b, k in layout:
         assert recall[b - 1, k] >= 0.95  # the layer before each boundary keeps the answer there
     assert [b for b, _ in layout] == sorted({b for b, _ in layout})
