@@ -10,7 +10,7 @@
    margin of 0.5, as every shipped calibration does.
 3. Verify on other prompts, code completion among them, against the baseline: no answer the
    baseline gets right may get worse, nor its first token change. A failure backs off to a rung
-   that keeps more (twice the budget and one cut fewer, then one cut keeping 60 %), saying so.
+   that keeps more (one cut fewer, then one cut keeping a share at every length), saying so.
 
 The cost is `probe_prompts` x 3 baseline prefills, `verify_prompts` x 4 baseline generations
 (kept in a baseline cache, so a rerun skips them) and as many lazy ones per rung tried.
@@ -20,23 +20,27 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .calibration_store import Calibration, fingerprint, save_to_store, store_dir
-from .config import LazyConfig
+from .config import WINDOW_RULE_TEXT, LazyConfig
 from .evals.baselines import BaselineStore
-from .evals.probe import PROBE_TASKS, probe
+from .evals.probe import PROBE_TASKS, probe, rule_options
 from .evals.run import SOLVED, evaluate
 from .evals.scores import by_prompt
 from .evals.tasks import TASKS
 from .families import architecture_of, check_supported, family_of, model_type_of
+from .output_files import write_json
 
-WINDOW_RULE = "w=64;pool=13;heads=max;sink=4"
 DECODING = "margin=0.5;min=256"
-KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
+KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+# A layer that keeps the answer only when it keeps more than this share of the prompt is not
+# ranking it (SmolLM2's layer 1 keeps 95 % of the answer tokens at keep 0.9): it is no place to cut.
+MAX_FIRST_KEEP = 0.5
 BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
 SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
 MOST = 0.95  # a candidate computing this share of the token-layers or more is not worth verifying
@@ -76,9 +80,7 @@ def calibrate(
     if baselines is None:
         baselines = BaselineStore(store_dir() / "baselines", model)
     tick = progress or (lambda _: None)
-    rule = LazyConfig.parse(f"none;{WINDOW_RULE}")
-    report = probe(model, tokenizer, [rule], length=options.length, num=options.probe_prompts,
-                   keeps=list(KEEPS), seed=options.seed, log=tick)  # fmt: skip
+    report = probe_once(model, tokenizer, options, tick)
     recall = {(r["layer"], r["keep"]): r["mean"] for r in report["rows"]}
     num_layers = family_of(model).num_layers
     ladder = back_off_ladder(recall, num_layers, options)
@@ -129,6 +131,29 @@ def calibrate(
     return calibration
 
 
+def probe_once(
+    model: Any, tokenizer: Any, options: CalibrateOptions, tick: Callable[[str], None]
+) -> dict[str, Any]:
+    """The probe's report, kept in the store beside the baselines: a rerun (after an
+    interruption, or with other verification settings) does not probe again."""
+    key = f"{fingerprint(model)}-{options.length}-{options.probe_prompts}-{options.seed}.json"
+    path = store_dir() / "probes" / key
+    rule = LazyConfig.parse(f"none;{WINDOW_RULE_TEXT}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if report["keeps"] == list(KEEPS) and report["rules"] == [rule_options(rule)]:
+            for _ in range(len(PROBE_TASKS) * options.probe_prompts):
+                tick("probe: kept from an earlier run")
+            return report
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none kept, or damaged: probe anew
+    report = probe(model, tokenizer, [rule], length=options.length, num=options.probe_prompts,
+                   keeps=list(KEEPS), seed=options.seed, log=tick)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, report)
+    return report
+
+
 SIZES = (2048, 8192, 32768)  # prompt lengths the expected prefill fraction is reported at
 
 
@@ -142,19 +167,18 @@ def _schedules(ladder: list[str], chosen: int | None) -> dict[str, str]:
 def back_off_ladder(
     recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
 ) -> list[str]:
-    """Schedules to verify, cheapest first: the layout the probe allows, then one cut fewer and
-    twice the budget (where that still prunes), then one cut keeping SAFE_KEEP; none that would
-    compute nearly everything at the probe length."""
+    """Schedules to verify, cheapest first: the layout the probe allows, the same with one cut
+    fewer, one cut keeping a share (twice the probe's, at least SAFE_KEEP) at every length; none
+    that would compute nearly everything at the probe length."""
     best = cheapest_layout(recall, num_layers, options)
     if best is None:
         return []
     (first, keep), *later = best
     budget = _budget(keep, options.length)
-    wider = 2 * budget if 2 * budget < options.length else budget
     candidates = [
         _text((first, budget), later, keep),
-        _text((first, wider), later[:-1], keep),
-        _text((first, SAFE_KEEP), [], keep),
+        _text((first, budget), later[:-1], keep),  # one cut fewer
+        _text((first, max(SAFE_KEEP, 2 * keep)), [], keep),  # a share, not a budget
     ]
     fraction = {c: expected_fraction(c, num_layers, options.length) for c in candidates}
     pruning = [c for c in dict.fromkeys(candidates) if fraction[c] < MOST]
@@ -166,9 +190,11 @@ def cheapest_layout(
 ) -> list[tuple[int, float]] | None:
     """The cuts [(boundary, keep of all tokens), ...], each keeping less than the one before,
     of least prefill fraction at the probe length such that the layer before each boundary
-    ranks `target` of the answer tokens into its keep; None if no single cut does."""
+    ranks `target` of the answer tokens into its keep (at most MAX_FIRST_KEEP); None if no
+    single cut does."""
     good = sorted((layer + 1, keep) for (layer, keep), r in recall.items()
-                  if r >= options.target and layer + 1 < num_layers)  # fmt: skip
+                  if r >= options.target and layer + 1 < num_layers
+                  and keep <= MAX_FIRST_KEEP)  # fmt: skip
 
     @functools.cache
     def rest(b: int, keep: float, cuts_left: int) -> tuple[float, tuple]:
@@ -201,7 +227,7 @@ def _text(first: tuple[int, float], later: list[tuple[int, float]], keep: float)
         cuts.append((b, min(1.0, math.ceil(100 * k / before - 1e-6) / 100)))
         before = k
     layout = ",".join(f"{b}:{k:g}" for b, k in cuts)
-    return f"{layout};{DECODING};{WINDOW_RULE}"
+    return f"{layout};{DECODING};{WINDOW_RULE_TEXT}"
 
 
 def expected_fraction(text: str, num_layers: int, num_tokens: int) -> float:

@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from . import calibration_store
 from .calibration_store import PRESET_NAMES
-from .config import LazyConfig
+from .config import WINDOW_RULE_TEXT, LazyConfig
 from .families import architecture_of, model_type_of
 
 # What the `schedule:` line says of a model with no calibration: how to get one.
@@ -27,7 +27,7 @@ FAMILY_PRESETS: dict[str, str] = {"gemma3_text": "safe"}
 # its calibration.
 # The schedules below use the window rule (an observation window of 64 queries, scores pooled over
 # 13 positions, heads reduced by max, 4 sink tokens) at the layers where the model retrieves.
-_WINDOW_RULE = "w=64;pool=13;heads=max;sink=4;min=256"
+_WINDOW_RULE = f"{WINDOW_RULE_TEXT};min=256"
 CALIBRATED: dict[tuple[str, int, int, int, int], dict[str, str]] = {
     # SmolLM2-135M: retrieval is sharp at layers 15, 17 and 18 and starts at 7 only in longer
     # prompts, so a cut at 8 loses passkeys at 1K tokens (fast: 2 of 13 lost there, +6.9 ± 6.1

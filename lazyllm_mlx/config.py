@@ -8,20 +8,36 @@ from typing import Any
 
 # Boundaries below 1.0 are fractions of the model's depth (model-independent presets); integers
 # are absolute layer indices. Each boundary b starts a stage at layer b.
+# The ranking rule of every calibrated schedule and of the generic presets: the attention of the
+# last 64 prompt tokens, pooled over 13 positions, heads reduced by max, 4 sink tokens kept.
+WINDOW_RULE: dict[str, Any] = dict(window=64, pool=13, heads="max", sink=4)
+WINDOW_RULE_TEXT = "w=64;pool=13;heads=max;sink=4"  # the same, as schedule options
 PRESETS: dict[str, dict[str, Any]] = {
     "none": dict(boundaries=(), keep=()),
     # The paper's figure: four stages of 30/30/30/10 % of the layers, 70 % kept at each boundary.
     "paper": dict(boundaries=(0.3, 0.6, 0.9), keep=(0.7, 0.7, 0.7)),
-    # Our recommendation from calibration (`lazyllm-mlx eval --search 1` on SmolLM2, 1K tokens:
-    # the fastest schedule within 1 point of the baseline, on 16 then 40 other prompts): prune late
-    # and harder rather than early. Short prompts are left alone: pruning cannot pay for itself.
-    "default": dict(boundaries=(0.5, 0.75), keep=(0.6, 0.6), min_prompt_tokens=256),
-    # The same layout, keeping more: within 1 point of the baseline on both SmolLM2 and Gemma 3
-    # 270M (10 and 8 prompts per task, 1K tokens), where `default` loses points on Gemma.
-    "safe": dict(boundaries=(0.5, 0.75), keep=(0.8, 0.7), min_prompt_tokens=256),
+    # The generic layout, for models with no calibration (BENCHMARKS.md, "The generic layout"):
+    # a first cut at half the depth, after the layers where models from 135M to 8B retrieve, that
+    # keeps a budget of tokens (so the kept share falls as prompts grow), a second at three
+    # quarters keeping half. Short prompts are left alone: pruning cannot pay for itself there.
+    "default": dict(
+        boundaries=(0.5, 0.75),
+        keep=(1024, 0.5),
+        revive_margin=0.5,
+        min_prompt_tokens=256,
+        **WINDOW_RULE,
+    ),  # fmt: skip
+    # The same layout with twice the budget.
+    "safe": dict(
+        boundaries=(0.5, 0.75),
+        keep=(2048, 0.5),
+        revive_margin=0.5,
+        min_prompt_tokens=256,
+        **WINDOW_RULE,
+    ),  # fmt: skip
 }
-# Prunes harder where a model has a calibration of it (calibration.CALIBRATED); elsewhere, with
-# nothing measured to prune harder safely, the same as `default`.
+# Prunes harder where a model has a calibration of it; elsewhere, with nothing measured to prune
+# harder safely, the same as `default`.
 PRESETS["fast"] = dict(PRESETS["default"])
 
 

@@ -40,13 +40,14 @@ def test_the_cheapest_layout_cuts_after_the_retrieving_layers():
     assert back_off_ladder(recall, 30, options) == [
         # 0.3 x 2048 tokens, up to a multiple of 128, then a third of those (rounded up): 41.3 %
         "8:640,18:0.34" + RULE,
-        "8:0.6" + RULE,  # 70.7 %
-        "8:1280" + RULE,  # twice the budget, one cut fewer: 72.5 %
+        "8:640" + RULE,  # one cut fewer: 49.6 %
+        "8:0.6" + RULE,  # a share at every length: 70.7 %
     ]
-    # a budget that would keep the whole probe length is not doubled, and nothing that computes
-    # (nearly) everything is worth verifying
+    # nothing that computes everything is worth verifying (here: 15:1, twice the probe's keep)
     wide = back_off_ladder(table({14: 0.5, 18: 0.25}), 30, options)
-    assert wide == ["15:1024,19:0.5" + RULE, "15:1024" + RULE, "15:0.6" + RULE]
+    assert wide == ["15:1024,19:0.5" + RULE, "15:1024" + RULE]
+    # a layer that needs more than half the prompt to keep the answer is not ranking it
+    assert cheapest_layout(table({1: 0.6, 14: 0.5}), 30, options) == [(15, 0.5)]
     # a layer that finds nothing at any keep leaves nothing to verify
     assert back_off_ladder(table({}), 30, options) == []
     # the last layer ranks for no boundary
@@ -91,7 +92,9 @@ def tiny_with_tokenizer(smollm2):
     return tiny_model("llama", vocab_size=len(tokenizer.vocab)), tokenizer
 
 
-def test_calibrate_chooses_verifies_stores_and_every_preset_then_uses_it(tiny_with_tokenizer):
+def test_calibrate_chooses_verifies_stores_and_every_preset_then_uses_it(
+    tiny_with_tokenizer, monkeypatch
+):
     model, tokenizer = tiny_with_tokenizer
     assert for_model("default", model).source.startswith("generic layout")
     said, ticks = [], []
@@ -119,6 +122,11 @@ def test_calibrate_chooses_verifies_stores_and_every_preset_then_uses_it(tiny_wi
     twin = tiny_model("llama", vocab_size=len(tokenizer.vocab))
     assert find(twin).schedules == calibration.schedules
     assert find(tiny_model("llama", seed=3, vocab_size=len(tokenizer.vocab))) is None
+    # a rerun (say after an interruption) reuses the probe and the baselines
+    monkeypatch.setattr(calibrate_module, "probe", lambda *a, **k: pytest.fail("probed again"))
+    ticks.clear()
+    again = calibrate_module_function(model, tokenizer, options, progress=ticks.append, save=False)
+    assert again.schedules == calibration.schedules and len(ticks) == 3 + 2 * 4
 
 
 def test_a_failed_verification_backs_off_and_says_so(tiny_with_tokenizer, monkeypatch):

@@ -17,7 +17,9 @@ def test_presets():
     assert LazyConfig.preset("default").min_prompt_tokens > 0
     safe, default = LazyConfig.preset("safe").resolve(18), LazyConfig.preset("default").resolve(18)
     assert safe.boundaries == default.boundaries
-    assert safe.prefill_fraction(1024) > default.prefill_fraction(1024)
+    assert safe.prefill_fraction(4096) > default.prefill_fraction(4096)
+    # budgets: the kept share falls as prompts grow
+    assert default.prefill_fraction(2048) > default.prefill_fraction(4096) > 0.5
     with pytest.raises(ValueError, match="Unknown LazyLLM preset 'fastest'"):
         LazyConfig.preset("fastest")
 
@@ -137,3 +139,13 @@ def test_a_model_with_a_calibration_runs_it_for_that_preset(monkeypatch):
     assert make_lazy_cache(llama, "default").schedule == calibrated.resolve(10)
     # a stored schedule is explicit
     assert LazyConfig.from_dict(calibrated.to_dict()) == calibrated
+
+
+def test_the_window_rule_has_one_definition_in_two_forms():
+    from lazyllm_mlx.config import WINDOW_RULE, WINDOW_RULE_TEXT
+
+    parsed = LazyConfig.parse(f"none;{WINDOW_RULE_TEXT}")
+    assert {key: getattr(parsed, key) for key in WINDOW_RULE} == WINDOW_RULE
+    for name in ("default", "fast", "safe"):  # the generic presets rank with it
+        preset = LazyConfig.preset(name)
+        assert {key: getattr(preset, key) for key in WINDOW_RULE} == WINDOW_RULE

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import LazyConfig
+from ..config import WINDOW_RULE_TEXT, LazyConfig
 from ..evals.probe import PROBE_TASKS, probe, suggest
 from ..loading import load
 from ..output_files import write_json
@@ -19,7 +19,7 @@ from .common import (
     stderr_log,
 )
 
-DEFAULT_RULE = "w=64;pool=13;heads=max;sink=4"
+DEFAULT_RULE = WINDOW_RULE_TEXT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
