@@ -11,16 +11,10 @@ import mlx.nn as nn
 from . import calibration_store
 from .calibration_store import PRESET_NAMES
 from .config import WINDOW_RULE_TEXT, LazyConfig
-from .families import architecture_of, model_type_of
+from .families import architecture_of
 
 # What the `schedule:` line says of a model with no calibration: how to get one.
 UNCALIBRATED = "generic layout: this model is not calibrated; `lazyllm-mlx calibrate` measures it"
-
-# The preset a family runs when no schedule is given or stored and its model has no calibrated
-# `default` (CALIBRATED), where measurement chose another: Gemma 3 270M lost 8-12 points with the
-# depth-fraction `default` (1K and 4K prompts) and stayed within 1 with `safe`, so the other sizes
-# of Gemma 3 run `safe`.
-FAMILY_PRESETS: dict[str, str] = {"gemma3_text": "safe"}
 
 # By architecture (model type, layers, hidden size, query heads, KV heads): no layout in depth
 # fractions suits every small model. Fine-tunes of a model share its architecture and, mostly,
@@ -107,12 +101,3 @@ def resolve_preset(config: LazyConfig, model: nn.Module) -> LazyConfig:
     text = ";".join([table[preset], *config.preset_options])
     parsed = LazyConfig.parse(text)
     return replace(parsed, name=config.name, from_preset=None, preset_options=(), source=source)
-
-
-def family_default(model: nn.Module) -> LazyConfig:
-    """`default` where the model has a calibration of it (its own or shipped), else the preset
-    chosen for its family, else `default`."""
-    own = calibration_store.find(model)
-    if own is not None or "default" in CALIBRATED.get(tuple(architecture_of(model)), {}):
-        return LazyConfig.preset("default")
-    return LazyConfig.preset(FAMILY_PRESETS.get(model_type_of(model), "default"))

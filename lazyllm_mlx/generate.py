@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
-from .calibration import family_default, resolve_preset
+from .calibration import resolve_preset
 from .config import LazyConfig, as_config
 from .engine import LazyStats, decode_step_keeps_selection, lazy_forward
 from .families import family_of
@@ -67,11 +67,12 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
 
 def default_schedule(model: nn.Module) -> LazyConfig:
     """The schedule to run `model` with when none is asked for: the one stored with it by
-    `convert --schedule`, else its calibrated `default`, else the preset for its family."""
+    `convert --schedule`, else `default` as it applies to the model (its calibration, else the
+    generic layout)."""
     stored = getattr(model, "lazyllm_schedule", None)
     if stored is not None:
         return as_config(stored)
-    return for_model(family_default(model), model)
+    return for_model("default", model)
 
 
 def resolve_schedule(model: nn.Module, name: str | None) -> LazyConfig | None:

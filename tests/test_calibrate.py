@@ -202,3 +202,17 @@ def test_the_command_prints_the_choice_and_the_fractions_it_expects(
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("lazyllm-mlx calibrate --length 300")
     assert lazyllm_mlx.calibrate is calibrate_module_function  # the API's name is the function
+
+
+def test_an_interrupted_calibration_stores_nothing(tiny_with_tokenizer, monkeypatch):
+    model, tokenizer = tiny_with_tokenizer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_module, "verify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_module_function(model, tokenizer, CalibrateOptions(length=300, target=0.0))
+    assert find(model) is None
+    kept = [p.name for p in store_dir().rglob("*") if p.is_file()]
+    assert all(not name.startswith(".") for name in kept)  # no temporary file left behind

@@ -105,9 +105,9 @@ def test_prefill_fraction_arithmetic():
     assert schedule.prefill_fraction(1000) == pytest.approx(expected)
 
 
-def test_a_model_runs_its_stored_schedule_else_its_family_preset_else_default():
+def test_a_model_runs_its_stored_schedule_else_default():
     gemma, llama = tiny_model("gemma3_text"), tiny_model("llama")
-    assert default_schedule(gemma) == LazyConfig.preset("safe")
+    assert default_schedule(gemma) == LazyConfig.preset("default")
     assert default_schedule(llama) == resolve_schedule(llama, None) == LazyConfig.preset("default")
     object.__setattr__(gemma, "lazyllm_schedule", {"boundaries": [2], "keep": [0.5]})
     assert resolve_schedule(gemma, None) == LazyConfig(boundaries=(2,), keep=(0.5,))

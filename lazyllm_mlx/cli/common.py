@@ -18,8 +18,8 @@ from ..output_files import check_writable
 
 MODEL_HELP = f"HF/MLX folder, hub id or .gguf file (default: {DEFAULT_MODEL_NAME})"
 SCHEDULE_DEFAULT = (
-    "Default: the model's stored schedule, else its family's calibrated preset ('safe' for "
-    "Gemma 3), else 'default'."
+    "Default: the model's stored schedule, else 'default': its calibration (lazyllm-mlx "
+    "calibrate, or shipped), else the generic layout."
 )
 
 
