@@ -37,6 +37,18 @@ def test_every_calibration_is_a_valid_schedule_ordered_by_how_hard_it_prunes():
         assert all(c.min_prompt_tokens >= 256 and c.revive for c in configs.values())
 
 
+def test_every_shipped_calibration_names_its_evidence():
+    import json
+    from pathlib import Path
+
+    from lazyllm_mlx.calibration import SHIPPED
+
+    benchmarks = Path(__file__).parent.parent / "benchmarks"
+    for entry in json.loads(SHIPPED.read_text())["calibrations"]:
+        assert entry["model"] and entry["made_by"] and entry["notes"]
+        assert entry["evidence"] and all((benchmarks / f).is_file() for f in entry["evidence"])
+
+
 def test_one_line_syntax_round_trips():
     texts = ["0.3:0.7,0.6:0.5", "9:0.7,18:0.5;min=512", "4:0.5;norevive;random", "none"]
     for text in [
