@@ -149,6 +149,7 @@ class LazyConfig:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a JSON `lazy` object reaches here unparsed: its types first
         object.__setattr__(self, "boundaries", tuple(self.boundaries))
         object.__setattr__(self, "keep", tuple(float(k) for k in self.keep))
         self.validate()
@@ -237,10 +238,10 @@ class LazyConfig:
                 f"Schedule has {len(self.boundaries)} boundaries but {len(self.keep)} keep values."
             )
         for k in self.keep:
-            if math.isnan(k) or k <= 0.0 or (k > 1.0 and k != int(k)):
+            if not math.isfinite(k) or k <= 0.0 or (k > 1.0 and (k != int(k) or k > MAX_BUDGET)):
                 raise ValueError(
                     f"Keep {k:g} is out of range: a fraction in (0, 1] or a whole number of "
-                    "tokens above 1."
+                    f"tokens from 2 to {MAX_BUDGET}."
                 )
         kinds = {_boundary_kind(b) for b in self.boundaries}
         if len(kinds) > 1:
@@ -300,6 +301,31 @@ class LazyConfig:
         )
 
 
+MAX_BUDGET = 1 << 24  # tokens: above any model's context, below float precision trouble
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(config: LazyConfig) -> None:
+    """ValueError (one line) for a field of the wrong type: a float window, a string keep, a
+    number for `revive`, as a JSON object can hold them."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in ("boundaries", "keep"):
+            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                raise ValueError(f"{f.name} must be a list of numbers, not {value!r}.")
+        elif f.name in _INT_FIELDS:
+            if not (isinstance(value, int) and not isinstance(value, bool)):
+                if not (value is None and f.name == "revive_cap"):
+                    raise ValueError(f"{f.name} must be a whole number, not {value!r}.")
+        elif f.name in ("revive_top", "revive_margin") and not _is_number(value):
+            raise ValueError(f"{f.name} must be a number, not {value!r}.")
+        elif f.name == "revive" and not isinstance(value, bool):
+            raise ValueError(f"revive must be true or false, not {value!r}.")
+
+
 def _boundary_kind(b: float) -> str:
     if isinstance(b, bool) or not isinstance(b, (int, float)):
         raise ValueError(f"Boundary {b!r} must be a layer index (int) or a depth fraction.")
@@ -327,7 +353,7 @@ def _parse_pairs(head: str, text: str) -> tuple[tuple[float, ...], tuple[float, 
 
 
 # Integer schedule options: their name in schedule strings -> LazyConfig field.
-_INT_OPTIONS = {
+_INT_OPTIONS: dict[str, str] = {
     "min": "min_prompt_tokens",
     "w": "window",
     "pool": "pool",
@@ -336,10 +362,13 @@ _INT_OPTIONS = {
     "cap": "revive_cap",
     "every": "reselect_every",
 }
+_INT_FIELDS = set(_INT_OPTIONS.values())
 
 
 def _parse_int(s: str, option: str, text: str) -> int:
     try:
+        if not s.strip().isascii():  # int() takes full-width and other Unicode digits
+            raise ValueError
         return int(s.strip())
     except ValueError:
         raise ValueError(
@@ -349,6 +378,8 @@ def _parse_int(s: str, option: str, text: str) -> int:
 
 def _parse_number(s: str, text: str) -> float:
     try:
+        if not s.strip().isascii():  # float() takes full-width and other Unicode digits
+            raise ValueError
         return float(s)
     except ValueError:
         raise ValueError(f"Bad number {s!r} in schedule {text!r}.") from None
@@ -356,7 +387,7 @@ def _parse_number(s: str, text: str) -> float:
 
 def _parse_boundary(s: str, text: str) -> float:
     s = s.strip()
-    if s.isdigit():
+    if s.isascii() and s.isdigit():
         return int(s)
     return _parse_number(s, text)
 

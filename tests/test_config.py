@@ -153,6 +153,39 @@ def test_a_model_with_a_calibration_runs_it_for_that_preset(monkeypatch):
     assert LazyConfig.from_dict(calibrated.to_dict()) == calibrated
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("10:inf", "out of range"),
+        ("10:1e30", "out of range"),
+        ("10:nan", "out of range"),
+        ("\uff11\uff10:0.5", "Bad number"),  # full-width digits
+        ("10:0.5;w=\uff16\uff14", "expected a whole number"),
+    ],
+)
+def test_schedule_strings_out_of_range_or_not_ascii(text, message):
+    with pytest.raises(ValueError, match=message):
+        LazyConfig.parse(text)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"pool": 3.0}, "pool must be a whole number"),
+        ({"window": 2.5}, "window must be a whole number"),
+        ({"min_prompt_tokens": 0, "revive_cap": 0.5}, "revive_cap must be a whole number"),
+        ({"sink": True}, "sink must be a whole number"),
+        ({"boundaries": [2], "keep": ["0.5"]}, "keep must be a list of numbers"),
+        ({"boundaries": "2", "keep": [0.5]}, "boundaries must be a list of numbers"),
+        ({"revive": 1}, "revive must be true or false"),
+        ({"revive_margin": "big"}, "revive_margin must be a number"),
+    ],
+)
+def test_a_schedule_object_is_checked_field_by_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LazyConfig.from_dict(fields)
+
+
 def test_the_window_rule_has_one_definition_in_two_forms():
     from lazyllm_mlx.config import WINDOW_RULE, WINDOW_RULE_TEXT
 

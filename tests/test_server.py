@@ -155,6 +155,17 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(stream="yes"), 400, "stream"),
     ("/v1/chat/completions", chat(lazy="bogus"), 400, "Invalid schedule"),
     ("/v1/chat/completions", chat(lazy="40:0.5"), 400, "Invalid schedule"),  # past the last layer
+    # a `lazy` object is checked as a schedule string is: types, then ranges
+    ("/v1/chat/completions", chat(lazy={"pool": 3.0}), 400, "pool must be a whole number"),
+    ("/v1/chat/completions", chat(lazy={"window": 2.5}), 400, "window must be a whole number"),
+    (
+        "/v1/chat/completions",
+        chat(lazy={"min_prompt_tokens": 0, "revive_cap": 0.5}),
+        400,
+        "revive_cap must be a whole number",
+    ),  # fmt: skip
+    ("/v1/chat/completions", chat(lazy={"boundaries": [2], "keep": [1e30]}), 400, "out of range"),
+    ("/v1/chat/completions", chat(lazy="2:inf"), 400, "out of range"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": " ".join(["t5"] * 4097)}, 400, "context"),
     ("/v1/completions", {"prompt": [5, 999]}, 400, "vocabulary"),

@@ -106,3 +106,4 @@ class _bar:
 
     def say(self, message: str) -> None:
         self.bar.write(message, file=sys.stdout)
+        sys.stdout.flush()  # a decision shows when it is made, also when stdout is a file
