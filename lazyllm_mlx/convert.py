@@ -264,8 +264,9 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
         _publish(folder, target, overwrite)
     except (FileExistsError, NotARegularFile):
         raise
-    except OSError as error:
-        raise OSError(f"cannot write {target}: {error.strerror or error}") from None
+    except (OSError, RuntimeError) as error:  # MLX's writers raise RuntimeError (a full disk)
+        reason = getattr(error, "strerror", None) or error
+        raise OSError(f"cannot write {target}: {reason}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

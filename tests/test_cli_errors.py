@@ -55,6 +55,22 @@ def one_line_error(err: str) -> str:
         (["serve", "--chat-template-args", "{bad"], "--chat-template-args: not valid JSON"),
         (["bench", "--lengths", "abc"], "--lengths: expected comma-separated integers"),
         (["generate", "--no-such-flag"], "lazyllm-mlx generate: error: unrecognized arguments"),
+        (["generate", "--seed", "-1"], "--seed: expected an integer from 0 to 2**64 - 1"),
+        (["generate", "--seed", str(2**70)], "--seed: expected an integer from 0 to 2**64 - 1"),
+        (["generate", "--min-tokens-to-keep", "0"], "--min-tokens-to-keep: expected a positive"),
+        (["generate", "--min-tokens-to-keep", "-5"], "--min-tokens-to-keep: expected a positive"),
+        (["generate", "--verbose", "maybe"], "--verbose: expected True or False"),
+        (["generate", "--kv-bits", "9"], "--kv-bits: invalid choice"),
+        (["generate", "--max-tokens", "-2", "--compare", "--json"], "--max-tokens/-m: expected"),
+        (["generate", "--chat-template-config", '{"tokenize": true}'], "'tokenize' is set by"),
+        (["serve", "--chat-template-args", '{"add_generation_prompt": 0}'], "is set by the"),
+        (["generate", "--schedule", "10:inf"], "--schedule: Keep inf is out of range"),
+        (["generate", "--schedule", "10:1e30"], "--schedule: Keep 1e+30 is out of range"),
+        (["generate", "--schedule", "\uff11\uff10:0.5"], "--schedule: Bad number"),
+        (["eval", "--search", "-1"], "--search: expected a number >= 0"),
+        (["probe", "--target", "2"], "--target: expected a number between 0 and 1"),
+        (["generate", "--prompt", "a\udcffb"], "--prompt is not UTF-8 text"),
+        (["generate", "--prompt", "x", "--prompt-file", "f.txt"], "not both"),
     ],
 )
 def test_bad_values_name_their_flag(no_model, capsys, argv, message):
@@ -101,6 +117,21 @@ def test_a_prompt_file_that_is_not_text(no_model, capsys, tmp_path):
     assert code == 2 and "not UTF-8 text" in one_line_error(err)
     code, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path / "missing.txt"))
     assert code == 2 and "does not exist" in one_line_error(err)
+
+
+def test_prompts_that_are_not_text_files_are_refused_before_reading(no_model, capsys, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    import io
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    for path in (str(fifo), "/dev/zero"):  # /dev/zero would be read until memory ran out
+        code, err = run_cli(capsys, "generate", "--prompt-file", path)
+        assert code == 2 and "is not a regular file" in one_line_error(err)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    code, err = run_cli(capsys, "generate", "--prompt", "-")
+    assert code == 2 and "standard input) is not UTF-8 text" in one_line_error(err)
 
 
 def test_the_api_refuses_an_empty_schedule_too():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import LazyConfig
 from ..default_model import DEFAULT_MODEL_NAME
 from ..output_files import check_writable
 
@@ -50,7 +51,7 @@ def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument(
         "--chat-template-config",
-        type=json_object,
+        type=template_arguments,
         default=None,
         help="JSON dict of apply_chat_template arguments",
     )
@@ -73,16 +74,38 @@ def model_label(model: str | None) -> str:
     return model or f"default ({DEFAULT_MODEL_NAME})"
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    """--prompt-file's text, else --prompt's ('-' reads stdin; \\n and \\t are unescaped)."""
-    if args.prompt_file:
+MAX_PROMPT_BYTES = 64 * 2**20  # a prompt file or stdin past this is a mistake, not a prompt
+
+
+def read_prompt(args: argparse.Namespace, default: str | None = None) -> str:
+    """--prompt-file's text, else --prompt's ('-' reads stdin; \\n and \\t are unescaped),
+    else `default`; ValueError for both at once, text that is not UTF-8, or an empty prompt."""
+    if args.prompt_file is not None and args.prompt is not None:
+        raise ValueError("give --prompt or --prompt-file, not both.")
+    if args.prompt_file is not None:
         text = read_text_file(args.prompt_file, "--prompt-file")
+    elif args.prompt == "-":
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        text = _utf8(data, "--prompt - (standard input)")
     else:
-        text = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-        text = sys.stdin.read() if text == "-" else text
-    if not text.strip():
+        text = default if args.prompt is None else args.prompt
+        try:  # a byte that is not UTF-8 reaches argv as a lone surrogate
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("--prompt is not UTF-8 text.") from None
+        text = text.replace("\\n", "\n").replace("\\t", "\t")
+    if text is None or not text.strip():
         raise ValueError("The prompt is empty.")
     return text
+
+
+def _utf8(data: bytes, what: str) -> str:
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ValueError(f"{what} is over {MAX_PROMPT_BYTES >> 20} MB: not a prompt.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} is not UTF-8 text ({error.reason}).") from None
 
 
 def progress_bar(label: str) -> Callable[[int, int], None] | None:
@@ -137,13 +160,14 @@ def read_text_file(path: str, flag: str) -> str:
         raise ValueError(f"{flag} {path} is a directory; give a text file.")
     if not Path(path).exists():
         raise FileNotFoundError(f"{flag} {path} does not exist.")
+    if not Path(path).is_file():  # a FIFO would wait for a writer, /dev/zero never ends
+        raise ValueError(f"{flag} {path} is not a regular file; give a text file.")
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{flag} {path} is not UTF-8 text ({error.reason}).") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
     except OSError as error:
         raise ValueError(f"{flag} {path} cannot be read: {error.strerror}.") from None
+    return _utf8(data, f"{flag} {path}")
 
 
 def _number(text: str, kind: type, what: str, ok: Callable[[Any], bool]) -> Any:
@@ -184,7 +208,41 @@ def schedule_text(text: str) -> str:
             "the schedule is empty: give a preset (none, paper, default, fast, safe), 'off' or "
             "'boundary:keep,...'"
         )
+    if text.strip() != "off":
+        try:  # before a model is loaded for nothing
+            LazyConfig.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a PRNG seed, 0 to 2**64 - 1 (what mx.random.seed takes)."""
+    return _number(text, int, "an integer from 0 to 2**64 - 1", lambda v: 0 <= v < 2**64)
+
+
+def strict_bool(text: str) -> bool:
+    """argparse type: mlx-lm's True/T/False/F (any case), or yes/no, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "t", "yes", "y", "1"):
+        return True
+    if value in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+# apply_chat_template's arguments the commands set themselves
+_TEMPLATE_OWN = ("conversation", "messages", "tokenize", "add_generation_prompt", "return_dict")
+
+
+def template_arguments(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object of apply_chat_template keyword arguments, none of those the
+    command sets itself."""
+    value = json_object(text)
+    own = [key for key in value if key in _TEMPLATE_OWN]
+    if own:
+        raise argparse.ArgumentTypeError(f"{own[0]!r} is set by the command, not here")
+    return value
 
 
 def json_object(text: str) -> dict[str, Any]:

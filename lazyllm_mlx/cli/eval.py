@@ -23,6 +23,7 @@ from .common import (
     command_line,
     int_list,
     model_label,
+    non_negative_float,
     output_file,
     stderr_log,
 )
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--search",
-        type=float,
+        type=non_negative_float,
         metavar="POINTS",
         default=None,
         help="Calibrate: run the schedules (default: a grid) without references and print the "

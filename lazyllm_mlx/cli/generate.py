@@ -33,29 +33,28 @@ from .common import (
     positive_int,
     progress_bar,
     read_prompt,
+    seed_int,
+    strict_bool,
 )
 
 DEFAULT_PROMPT = "hello"
 
 
-def str2bool(text: str) -> bool:
-    return text.strip().lower() not in ("false", "f", "0", "no", "n")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument(
-        "--prompt", "-p", default=DEFAULT_PROMPT, help="Message for the model ('-' reads stdin)"
-    )
+        "--prompt", "-p", default=None,
+        help=f"Message for the model ('-' reads stdin; default: {DEFAULT_PROMPT!r})",
+    )  # fmt: skip
     parser.add_argument("--prompt-file", help="Read the message from this file (long prompts)")
-    parser.add_argument("--max-tokens", "-m", type=int, default=100)
+    parser.add_argument("--max-tokens", "-m", type=non_negative_int, default=100)
     add_sampling_arguments(parser)
-    parser.add_argument("--min-tokens-to-keep", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument("--min-tokens-to-keep", type=positive_int, default=1)
+    parser.add_argument("--seed", type=seed_int, default=None, help="PRNG seed")
     add_chat_template_arguments(parser)
     add_prefill_step_size_argument(parser)
     parser.add_argument(
-        "--verbose", type=str2bool, default=True, help="'False' prints only the generated text"
+        "--verbose", type=strict_bool, default=True, help="'False' prints only the generated text"
     )
     add_schedule_argument(
         parser,
@@ -94,7 +93,11 @@ def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-kv-size", type=positive_int, default=None, help="KV cache size cap" + baseline
     )
     parser.add_argument(
-        "--kv-bits", type=positive_int, default=None, help="Quantize the KV cache" + baseline
+        "--kv-bits",
+        type=int,
+        choices=(2, 3, 4, 5, 6, 8),
+        default=None,
+        help="Quantize the KV cache" + baseline,
     )
     parser.add_argument("--kv-group-size", type=positive_int, default=64, help="With --kv-bits")
     parser.add_argument(
@@ -152,9 +155,12 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
             messages.append({"role": "system", "content": args.system_prompt})
         messages.append({"role": "user", "content": text})
         extra = chat_template_config(args)
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **extra
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **extra
+            )
+        except Exception as error:  # jinja2's TemplateError, a raise_exception() in the template
+            raise ValueError(f"the chat template failed: {error}") from None
     return tokenizer.encode(text, add_special_tokens=not use_template)
 
 
@@ -278,7 +284,7 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    text = read_prompt(args)
+    text = read_prompt(args, DEFAULT_PROMPT)
     options = check_mlx_lm_options(args)
     cache = None
     if args.prompt_cache_file:

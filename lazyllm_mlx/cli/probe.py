@@ -17,6 +17,7 @@ from .common import (
     model_label,
     output_file,
     stderr_log,
+    unit_float,
 )
 
 DEFAULT_RULE = WINDOW_RULE_TEXT
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target",
-        type=float,
+        type=unit_float,
         default=0.95,
         help="Recall of the answer tokens the suggested cut must reach (default: 0.95)",
     )

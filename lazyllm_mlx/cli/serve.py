@@ -17,11 +17,11 @@ from .common import (
     add_prefill_step_size_argument,
     add_schedule_argument,
     byte_size,
-    json_object,
     non_negative_float,
     non_negative_int,
     port_number,
     positive_int,
+    template_arguments,
     unit_float,
 )
 
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prefill_step_size_argument(parser)
     parser.add_argument(
         "--chat-template-args",
-        type=json_object,
+        type=template_arguments,
         default=None,
         help="JSON dict of apply_chat_template arguments",
     )
