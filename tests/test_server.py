@@ -166,6 +166,8 @@ BAD_REQUESTS = [
     ),  # fmt: skip
     ("/v1/chat/completions", chat(lazy={"boundaries": [2], "keep": [1e30]}), 400, "out of range"),
     ("/v1/chat/completions", chat(lazy="2:inf"), 400, "out of range"),
+    ("/v1/chat/completions", chat(temperature=10**400), 400, "temperature"),
+    ("/v1/chat/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "Invalid JSON"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": " ".join(["t5"] * 4097)}, 400, "context"),
     ("/v1/completions", {"prompt": [5, 999]}, 400, "vocabulary"),
@@ -339,6 +341,9 @@ def test_a_short_body_and_http_level_errors_are_json(server):
     assert status == 400 and error["error"]["type"] == "invalid_request_error"
     status, error = raw_request(server, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 405 and "PUT is not allowed" in error["error"]["message"]
+    for method in ("TRACE", "CONNECT", "BREW"):  # no handler: 405, not 501 server_error
+        status, error = raw_request(server, f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status == 405 and error["error"]["type"] == "invalid_request_error", method
 
 
 def test_cors_preflight_and_headers(server):

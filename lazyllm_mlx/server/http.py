@@ -127,6 +127,9 @@ class APIHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
         """http.server's own errors (bad request line, headers too large, unknown method) as
         JSON, like every other error here."""
+        if code == 501 and getattr(self, "command", None):  # a method we have no handler for
+            self._method_not_allowed()
+            return
         kind = "server_error" if code >= 500 else "invalid_request_error"
         text = message or self.responses.get(code, ("Error",))[0]
         data = json.dumps(RequestError(text, code, kind).body()).encode()

@@ -107,6 +107,8 @@ def parse_request(kind: str, raw: bytes) -> CompletionRequest:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _bad(f"Invalid JSON in request body: {error}") from None
+    except ValueError as error:  # an integer of more than 4,300 digits
+        raise _bad(f"Invalid JSON in request body: {error}") from None
     except RecursionError:
         raise _bad("Invalid JSON in request body: it is nested too deeply.") from None
     if not isinstance(body, dict):
@@ -159,8 +161,12 @@ def _number(body: dict, name: str, low: float, high: float | None) -> float | No
     value = body.get(name)
     if value is None:
         return None
-    # json.loads accepts NaN and Infinity, which no bound check catches
-    finite = _is_number(value) and math.isfinite(value)
+    # json.loads accepts NaN and Infinity, which no bound check catches, and integers too large
+    # for a float (10**400)
+    if _is_int(value):
+        finite = abs(value) < 1e300
+    else:
+        finite = _is_number(value) and math.isfinite(value)
     if not finite or value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f">= {low}"
         raise _bad(f"{name} must be a number {bounds}.", name)
