@@ -170,6 +170,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "Invalid JSON"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": " ".join(["t5"] * 4097)}, 400, "context"),
+    ("/v1/completions", {"prompt": "t5" * (4096 * 64)}, 400, "characters, more than the model"),
+    ("/v1/chat/completions", chat(content="t5" * (4096 * 64)), 400, "characters, more than"),
     ("/v1/completions", {"prompt": [5, 999]}, 400, "vocabulary"),
     ("/v1/embeddings", {"input": "t5"}, 404, "No such endpoint"),
 ]

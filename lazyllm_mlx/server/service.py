@@ -7,6 +7,7 @@ and validating happen before the lock, so a bad request never waits behind a lon
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ from ..generate import (
 )
 from .prompt_caches import PromptCaches, settle
 from .protocol import SERVER_DEFAULT, CompletionRequest, RequestError
+
+# No tokenizer we know puts more characters than this in one token (runs of spaces or '=' in
+# code reach 16-32): a prompt longer than context x this cannot fit.
+MAX_CHARACTERS_PER_TOKEN = 64
 
 
 @dataclass
@@ -139,6 +144,7 @@ class GenerationService:
     def prompt_tokens(self, request: CompletionRequest) -> list[int]:
         """The request's prompt as tokens (chat template applied to chats); RequestError if bad."""
         tokenizer = self.tokenizer
+        self._check_characters(request)
         if request.kind == "text" and isinstance(request.prompt, list):
             tokens = list(request.prompt)
             vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
@@ -168,6 +174,20 @@ class GenerationService:
                 code="context_length_exceeded",
             )
         return tokens
+
+    def _check_characters(self, request: CompletionRequest) -> None:
+        """A prompt far longer in characters than the context can hold in tokens is refused
+        before the tokenizer spends minutes on it."""
+        limit = context_length(self.model)
+        if limit is None or (request.kind == "text" and isinstance(request.prompt, list)):
+            return
+        text = request.prompt if request.kind == "text" else json.dumps(request.messages)
+        if len(text) > limit * MAX_CHARACTERS_PER_TOKEN:
+            raise RequestError(
+                f"The prompt has {len(text)} characters, more than the model's context of "
+                f"{limit} tokens can hold.",
+                code="context_length_exceeded",
+            )
 
     def schedule(self, request: CompletionRequest) -> LazyConfig | None:
         """The request's schedule (the server's when it names none); RequestError if invalid."""
