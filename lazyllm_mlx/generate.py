@@ -7,6 +7,7 @@ or a schedule string runs the lazy engine. Responses add `ttft` (seconds to the 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -135,8 +136,34 @@ def generate_step(
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) like mlx-lm's generate_step; `lazy` picks the engine.
 
-    stats: a LazyStats to fill with this request's counters (lazy only).
+    stats: a LazyStats to fill with this request's counters (lazy only). One generation runs on a
+    model at a time: another thread's waits until this one is exhausted or closed (MLX evaluates
+    on one stream; two at once crashed).
     """
+    with model_lock(model):
+        yield from _generate_steps(
+            prompt, model, lazy, max_tokens, sampler, logits_processors, prompt_cache,
+            prefill_step_size, prompt_progress_callback, stats, baseline_kwargs,
+        )  # fmt: skip
+
+
+_LOCKS = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The model's generation lock (re-entrant: one thread may interleave its generators)."""
+    with _LOCKS:
+        lock = getattr(model, "_lazyllm_lock", None)
+        if lock is None:
+            lock = threading.RLock()
+            object.__setattr__(model, "_lazyllm_lock", lock)  # not a parameter or child
+    return lock
+
+
+def _generate_steps(
+    prompt, model, lazy, max_tokens, sampler, logits_processors, prompt_cache,
+    prefill_step_size, prompt_progress_callback, stats, baseline_kwargs,
+) -> Generator[tuple[int, mx.array], None, None]:  # fmt: skip
     config = for_model(lazy, model)
     if config is None:
         yield from mlx_generate_step(

@@ -3,7 +3,14 @@
 import math
 
 import lazyllm_mlx.engine as engine
-from lazyllm_mlx import LazyConfig, LazyStats, generate, make_lazy_cache, stream_generate
+from lazyllm_mlx import (
+    LazyConfig,
+    LazyStats,
+    generate,
+    generate_step,
+    make_lazy_cache,
+    stream_generate,
+)
 from lazyllm_mlx._mlx_lm_private import model_from_config
 
 import pytest
@@ -230,3 +237,33 @@ def test_steps_that_keep_their_selection_are_computed_ahead_without_changing_any
     assert ahead_stats.revived == stats.revived
     for a, b in zip(ahead_cache.stages, cache.stages):
         assert a.positions[: a.size].tolist() == b.positions[: b.size].tolist()
+
+
+@pytest.mark.parametrize("lazy", ["4:0.5;w=4", None], ids=["lazy", "baseline"])
+def test_two_threads_on_one_model_take_turns_and_get_what_one_thread_gets(model, lazy):
+    import threading
+
+    prompts = [random_prompt(40, seed=s) for s in (1, 2)]
+
+    def tokens(prompt):
+        return [t for t, _ in generate_step(prompt, model, lazy=lazy, max_tokens=12)]
+
+    alone = [tokens(p) for p in prompts]
+    got, errors = {}, []
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(3):
+                got[i] = tokens(prompts[i])
+        except Exception as error:  # a crash in a thread must fail the test, not vanish
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and [got[0], got[1]] == alone
+    # one thread may still interleave its own generators on the model
+    first, second = (generate_step(p, model, lazy=lazy, max_tokens=3) for p in prompts)
+    assert [next(first)[0], next(second)[0]] == [alone[0][0], alone[1][0]]
