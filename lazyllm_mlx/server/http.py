@@ -1,11 +1,15 @@
 """`lazyllm-mlx serve`, the HTTP side: an OpenAI-compatible API on stdlib's ThreadingHTTPServer.
 
 POST /v1/chat/completions and /v1/completions (also without /v1), streaming as server-sent events;
-GET /v1/models and /health. Every connection gets a thread, but one model serves them all, so
-generations run one at a time (GenerationService's lock); /health and /v1/models answer meanwhile.
-Bad requests get 4xx JSON errors and the server goes on serving; a generation whose client left
-stops at its next token. Listens on 127.0.0.1 by default; CORS headers name the allowed origins
-(mlx-lm's `--allowed-origins`, default any) and OPTIONS preflights are answered.
+GET /v1/models and /health. Every connection gets a thread that parses, tokenizes and writes;
+one worker thread runs the model for them all, a request at a time (server/worker.py), so a
+client that stops reading stalls only itself. /health and /v1/models answer meanwhile. Bad
+requests get 4xx JSON errors and the server goes on serving; a generation whose client left, or
+whose writes time out, stops at its next prefill chunk or token. Sockets time out after
+`timeout` seconds without progress (headers, bodies, idle keep-alive, writes), and past
+`max_connections` open connections a new one gets a 503. Listens on 127.0.0.1 by default; CORS
+headers name the allowed origins (mlx-lm's `--allowed-origins`, default any) and OPTIONS
+preflights are answered.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import json
 import logging
 import select
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,9 +32,13 @@ from .protocol import (
     usage_chunk,
 )
 from .service import GenerationService
+from .worker import GenerationWorker, Job, wait_event
 
 MAX_BODY_BYTES = 64 << 20
 KEEPALIVE_SECONDS = 1.0
+GONE_CHECK_SECONDS = 0.2  # how often a plain request looks whether its client left
+SOCKET_TIMEOUT = 30.0  # seconds a read or write may stall before the connection is dropped
+MAX_CONNECTIONS = 64
 POST_ROUTES = {
     "/v1/chat/completions": "chat",
     "/chat/completions": "chat",
@@ -50,10 +59,46 @@ class LazyServer(ThreadingHTTPServer):
         service: GenerationService | None,
         quiet: bool = False,
         allowed_origins: Sequence[str] = ("*",),
+        timeout: float = SOCKET_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ):
+        self._worker: GenerationWorker | None = None  # server_close runs if binding fails
+        self._open, self._counting = 0, threading.Lock()
         super().__init__(address, APIHandler)
         self.service, self.quiet, self.started = service, quiet, int(time.time())
         self.allowed_origins = list(allowed_origins)
+        self.socket_timeout, self.max_connections = timeout, max_connections
+
+    @property
+    def worker(self) -> GenerationWorker:
+        """The generation thread, started with the first request (the service may be set
+        after the port is bound)."""
+        with self._counting:
+            if self._worker is None:
+                self._worker = GenerationWorker(self.service)
+            return self._worker
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._counting:
+            full = self._open >= self.max_connections
+            self._open += 0 if full else 1
+        if full:  # answered here, without a thread: a flood cannot grow the thread count
+            _refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._counting:
+                self._open -= 1
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._worker is not None:
+            self._worker.stop()
 
     @property
     def url(self) -> str:
@@ -61,10 +106,28 @@ class LazyServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+def _refuse_busy(connection: socket.socket) -> None:
+    body = json.dumps(RequestError("Too many open connections; retry later.", 503,
+                                   "server_error").body()).encode()  # fmt: skip
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        connection.settimeout(1.0)
+        connection.sendall(head.encode() + body)
+    except OSError:
+        pass
+
+
 class APIHandler(BaseHTTPRequestHandler):
     server: LazyServer
     server_version = "lazyllm-mlx"
     _cors_sent = False
+
+    def setup(self) -> None:
+        self.timeout = self.server.socket_timeout  # applied to the socket by StreamRequestHandler
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -190,31 +253,69 @@ class APIHandler(BaseHTTPRequestHandler):
         return body
 
     def _complete(self, request: CompletionRequest, tokens: list[int]) -> None:
-        service = self.server.service
-        model_id = service.model_id
-        progress = self._keepalive if request.stream else None
-        # A stream notices a departed client when a write fails; a plain request must look.
-        gone = None if request.stream else self._client_gone
-        with service.start(request, tokens, progress, gone) as generation:
+        job = self.server.worker.submit(request, tokens)
+        try:
             if request.stream:
-                self._start_stream()
-                for text in generation:
-                    logprobs = generation.take_logprobs()
-                    self._event(response_body(request, model_id, text, None, None, logprobs))
-                finish = generation.finish
+                self._stream(job)
+            else:
+                self._answer(job)
+        except OSError:  # a write failed or timed out: the client is gone or not reading
+            job.cancel()
+            raise
+
+    def _events(self, job: Job) -> Iterator[tuple[Any, ...]]:
+        """The job's events up to its last. A stream idle for KEEPALIVE_SECONDS gets a comment (a
+        failed write ends it); a plain request, which writes nothing until the end, looks every
+        GONE_CHECK_SECONDS whether its client left, and cancels the job if it did."""
+        wait = KEEPALIVE_SECONDS if self._streaming else GONE_CHECK_SECONDS
+        looked = time.monotonic()
+        while True:
+            event = wait_event(job, wait)
+            if self._streaming and event is None:
+                self._write(b": waiting\n\n")
+            elif not self._streaming and time.monotonic() - looked >= GONE_CHECK_SECONDS:
+                looked = time.monotonic()
+                if self._client_gone():
+                    job.cancel()
+            if event is None:
+                continue
+            yield event
+            if event[0] in ("finish", "cancelled", "error"):
+                return
+
+    def _stream(self, job: Job) -> None:
+        request, model_id = job.request, self.server.service.model_id
+        self._start_stream()
+        for kind, *value in self._events(job):
+            if kind == "progress":
+                self._keepalive(*value)
+            elif kind == "text":
+                text, logprobs = value
+                self._event(response_body(request, model_id, text, None, None, logprobs))
+            elif kind == "finish":
+                finish, logprobs = value
                 extra = {"lazyllm": finish.lazyllm()}
-                logprobs = generation.take_logprobs()
                 self._event(response_body(request, model_id, "", finish.reason, extra, logprobs))
                 if request.include_usage:
                     self._event(usage_chunk(request, model_id, finish.usage()))
                 self._write(b"data: [DONE]\n\n")
-                return
-            text = "".join(generation)
-            finish = generation.finish
-        if finish.reason == "cancelled":
+            elif kind == "error":
+                self._error(value[0])
+
+    def _answer(self, job: Job) -> None:
+        pieces, finish = [], None
+        for kind, *value in self._events(job):
+            if kind == "text":
+                pieces.append(value[0])
+            elif kind == "finish":
+                finish = value[0]
+            elif kind == "error":
+                raise value[0]
+        if finish is None or finish.reason == "cancelled":
             return  # nobody is waiting for the answer
         extra = {"usage": finish.usage(), "lazyllm": finish.lazyllm()}
-        body = response_body(request, model_id, text, finish.reason, extra, finish.logprobs)
+        body = response_body(job.request, self.server.service.model_id, "".join(pieces),
+                             finish.reason, extra, finish.logprobs)  # fmt: skip
         self._json(200, body)
 
     def _client_gone(self) -> bool:
@@ -236,12 +337,9 @@ class APIHandler(BaseHTTPRequestHandler):
     def _keepalive(self, done: int, total: int) -> None:
         """Prefill progress as SSE comments (at most one a second): clients waiting on a long
         prompt see the connection alive."""
-        if self._streaming and time.monotonic() - self._last_write >= KEEPALIVE_SECONDS:
+        if time.monotonic() - self._last_write >= KEEPALIVE_SECONDS:
             self._last_write = time.monotonic()
-            try:
-                self._write(f": prefill {done}/{total}\n\n".encode())
-            except OSError:
-                pass  # noticed at the next token
+            self._write(f": prefill {done}/{total}\n\n".encode())
 
     def _event(self, body: dict[str, Any]) -> None:
         self._write(f"data: {json.dumps(body)}\n\n".encode())
@@ -277,9 +375,11 @@ def make_server(
     port: int = 8080,
     quiet: bool = False,
     allowed_origins: Sequence[str] = ("*",),
+    timeout: float = SOCKET_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> LazyServer:
     """A server bound to host:port (port 0 picks a free one); call serve_forever() to run it.
 
     service may be set later (`server.service = ...`), before serve_forever: the port is then
     taken before a model is loaded. A port in use raises OSError."""
-    return LazyServer((host, port), service, quiet, allowed_origins)
+    return LazyServer((host, port), service, quiet, allowed_origins, timeout, max_connections)

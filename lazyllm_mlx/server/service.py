@@ -247,7 +247,7 @@ class GenerationService:
                     self.model,
                     self.tokenizer,
                     tokens[reused:],
-                    request.max_tokens or self.max_tokens,
+                    self._max_tokens(request, len(tokens)),
                     lazy=lazy,
                     prompt_cache=cache,
                     prefill_step_size=self.prefill_step_size,
@@ -271,6 +271,13 @@ class GenerationService:
         except BaseException:
             self.lock.release()
             raise
+
+    def _max_tokens(self, request: CompletionRequest, prompt_tokens: int) -> int:
+        """The request's (or the server's) max_tokens, capped by the context the prompt leaves:
+        `max_tokens` 10**9 must not mean generating past the model's context for hours."""
+        wanted = request.max_tokens or self.max_tokens
+        limit = context_length(self.model)
+        return wanted if limit is None else max(1, min(wanted, limit - prompt_tokens))
 
     def _new_cache(self, lazy: LazyConfig | None) -> Any:
         return make_prompt_cache(self.model) if lazy is None else make_lazy_cache(self.model, lazy)
