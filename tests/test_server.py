@@ -142,6 +142,7 @@ def test_models_and_health(server):
     assert get(server, "/v2/nothing")[0] == 404
 
 
+SPINNING_TEMPLATE = "{% for i in range(10**9) %}x{% endfor %}"  # minutes of CPU if rendered
 BAD_REQUESTS = [
     ("/v1/chat/completions", b"{not json", 400, "Invalid JSON"),
     ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
@@ -167,6 +168,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(lazy={"boundaries": [2], "keep": [1e30]}), 400, "out of range"),
     ("/v1/chat/completions", chat(lazy="2:inf"), 400, "out of range"),
     ("/v1/chat/completions", chat(temperature=10**400), 400, "temperature"),
+    (
+        "/v1/chat/completions",
+        chat(chat_template_kwargs={"chat_template": SPINNING_TEMPLATE}),
+        400,
+        "may not set 'chat_template'",
+    ),  # fmt: skip
+    ("/v1/chat/completions", chat(chat_template_kwargs={"tokenize": True}), 400, "'tokenize'"),
     ("/v1/chat/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, "Invalid JSON"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": " ".join(["t5"] * 4097)}, 400, "context"),

@@ -147,7 +147,22 @@ def parse_request(kind: str, raw: bytes) -> CompletionRequest:
         request.lazy = None if lazy == "off" else lazy
     request.model = _optional(body, "model", str, "a string")
     request.chat_template_kwargs = _optional(body, "chat_template_kwargs", dict, "an object") or {}
+    refused = [key for key in request.chat_template_kwargs if key in _TEMPLATE_KWARGS_REFUSED]
+    if refused:
+        raise _bad(f"chat_template_kwargs may not set {refused[0]!r}: "
+                   f"{_TEMPLATE_KWARGS_REFUSED[refused[0]]}.", "chat_template_kwargs")  # fmt: skip
     return request
+
+
+# Template arguments a request may not give: a template of its own would run unbounded code on
+# the server; the others are the server's to set.
+_TEMPLATE_KWARGS_REFUSED = {
+    "chat_template": "a request's own template would run on the server with no bound on its time",
+    "tokenize": "the server sets it",
+    "add_generation_prompt": "the server sets it",
+    "conversation": "the messages are the request's `messages`",
+    "return_dict": "the server sets it",
+}
 
 
 def _optional(body: dict, name: str, kind: type, what: str) -> Any:
