@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -165,9 +166,9 @@ BAD_VALUES: dict[str, list] = {
         [{"role": "user", "content": [{"type": "text", "text": 5}]}],
         [{"role": "user", "content": "\ud800"}],
     ],
-    "max_tokens": [0, -1, 1.5, "2", True, [], {}],
+    "max_tokens": [0, -1, 1.5, "2", True, [], {}, 10**5000],
     "max_completion_tokens": [0, -5, "x", 2.5],
-    "temperature": [-1, "hot", [], float("inf"), float("nan"), True],
+    "temperature": [-1, "hot", [], float("inf"), float("nan"), True, 10**400, -(10**400)],
     "top_p": [-0.1, 1.5, "x", float("nan")],
     "top_k": [-1, 2.5, "3", False],
     "min_p": [-1, 2, "0.1"],
@@ -180,10 +181,42 @@ BAD_VALUES: dict[str, list] = {
     "stream_options": ["x", 5, []],
     "seed": [-1, 2**70, "7", 1.5],
     "n": [2, 0, "1"],
-    "lazy": [5, [], True, "bogus", "", "40:0.5", {"keep": [9]}],
+    "lazy": [
+        5,
+        [],
+        True,
+        "bogus",
+        "",
+        "40:0.5",
+        {"keep": [9]},
+        "2:inf",
+        "2:1e30",
+        "\uff12:0.5",
+        {"pool": 3.0},
+        {"window": 2.5},
+        {"revive_cap": 0.5},
+        {"boundaries": [2], "keep": ["0.5"]},
+        {"boundaries": [2], "keep": [1e30]},
+        {"revive": 1},
+        {"sink": -1},
+        {"heads": "min"},
+        {"unknown": 1},
+    ],  # fmt: skip
     "model": [5, [], {}],
-    "chat_template_kwargs": ["x", 5, []],
+    "chat_template_kwargs": ["x", 5, [], {"chat_template": "{{ 1 }}"}, {"tokenize": True}],
 }
+
+
+def dump_huge(body: dict) -> bytes:
+    """JSON with NaN and integers of any length (the server must refuse both)."""
+    if not hasattr(sys, "get_int_max_str_digits"):  # Pythons without the limit
+        return json.dumps(body, allow_nan=True).encode()
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        return json.dumps(body, allow_nan=True).encode()
+    finally:
+        sys.set_int_max_str_digits(limit)
 
 
 def malformed_requests(count: int, seed: int) -> Iterator[tuple[str, bytes]]:
@@ -199,7 +232,7 @@ def malformed_requests(count: int, seed: int) -> Iterator[tuple[str, bytes]]:
             for name in rng.choice(fields, int(rng.integers(1, 3)), replace=False):
                 values = BAD_VALUES[name]
                 body[name] = values[int(rng.integers(len(values)))]
-            raw = json.dumps(body, allow_nan=True).encode()
+            raw = dump_huge(body)
         elif kind == "prompt":
             path = "/v1/completions"
             bad = ["", [], [-1], [1.5], ["a", "b"], {}, 5, [999999], None]
