@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
     template = None
     if not args.ignore_chat_template and tokenizer.has_chat_template:
         template = chat_template_config(args)
-    prefix, tokens = document_tokens(tokenizer, text, args.system_prompt, template)
+    try:
+        prefix, tokens = document_tokens(tokenizer, text, args.system_prompt, template)
+    except ValueError:
+        raise  # already one line: said by document_tokens
+    except Exception as error:  # jinja2's TemplateError, a raise_exception() in the template
+        raise ValueError(f"the chat template failed: {error}") from None
     prompt = mx.array(tokens, dtype=mx.int32)
     cache = make_lazy_cache(model, lazy)
     check_request(model, prompt, lazy, cache)
