@@ -199,3 +199,20 @@ def test_step_ahead_comparison_runs_both_orders_and_restores_the_rule():
     assert first["tokens"] == second["tokens"] and len(first["tokens"]) == 20
     assert first["decode_tps_16"] > 0 and second["median_step_ms"] > 0
     assert ahead.generation.decode_step_keeps_selection is ahead._KEEPS_SELECTION
+
+
+def test_compare_methods_pairs_two_methods_of_one_report():
+    compare = tool("compare_methods").compare
+
+    prompts = [("passkey", 0), ("passkey", 1), ("code", 0)]
+
+    def method(name, scores, fraction):
+        return dict(method=name, instances=[
+            dict(task=t, index=i, score=s, output=f"{t}{i}{s}", prefill_fraction=fraction)
+            for (t, i), s in zip(prompts, scores)])  # fmt: skip
+
+    report = dict(results=[method("hand", [1, 1, 0.5], 0.4), method("auto", [1, 0, 0.5], 0.6)])
+    result = compare(report, "hand", "auto")
+    assert result["prompts"] == 3 and result["identical"] == 2
+    assert result["delta"] == pytest.approx(-25.0)  # passkey -50, code 0: task-averaged
+    assert result["prefill"] == [pytest.approx(0.4), pytest.approx(0.6)]
