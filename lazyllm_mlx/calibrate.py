@@ -34,6 +34,7 @@ from .evals.run import SOLVED, evaluate
 from .evals.scores import by_prompt
 from .evals.tasks import TASKS
 from .families import architecture_of, check_supported, family_of, model_type_of
+from .generate import context_length
 from .output_files import write_json
 
 DECODING = "margin=0.5;min=256"
@@ -77,6 +78,9 @@ def calibrate(
     check_supported(model_type_of(model))  # before any work
     if options.length < 256 or options.probe_prompts < 1 or options.verify_prompts < 1:
         raise ValueError("calibrate needs a length of at least 256 tokens and 1+ prompts each")
+    limit = context_length(model)
+    if limit is not None and options.length > limit:
+        raise ValueError(f"--length {options.length} is longer than the model's context ({limit})")
     if baselines is None:
         baselines = BaselineStore(store_dir() / "baselines", model)
     tick = progress or (lambda _: None)

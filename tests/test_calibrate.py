@@ -185,6 +185,8 @@ def test_the_command_refuses_an_unprunable_model_before_any_work(tmp_path, capsy
     assert "cannot prune model type 'gpt2'" in capsys.readouterr().err
     assert main(["calibrate", "--length", "100"]) == 2
     assert "at least 256 tokens" in capsys.readouterr().err
+    assert main(["calibrate", "--length", "9000"]) == 2  # SmolLM2 reads 8,192
+    assert "longer than the model's context (8192)" in capsys.readouterr().err
 
 
 def test_the_command_prints_the_choice_and_the_fractions_it_expects(
