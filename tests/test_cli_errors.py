@@ -137,3 +137,14 @@ def test_prompts_that_are_not_text_files_are_refused_before_reading(no_model, ca
 def test_the_api_refuses_an_empty_schedule_too():
     with pytest.raises(ValueError, match="schedule is empty"):
         LazyConfig.parse("  ")
+
+
+def test_every_command_s_help_renders(capsys):
+    from lazyllm_mlx.cli import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert exit.value.code == 0 and out.startswith(f"usage: lazyllm-mlx {command}"), command
+        assert "object at 0x" not in out and "'prog':" not in out, command  # a stray %

@@ -303,7 +303,8 @@ def test_cli_convert_then_generate_uses_the_stored_schedule(tmp_path, gguf_files
         "2:0.5;min=4",
     ]
     assert cli.main(argv) == 0
-    assert f"Saved {out}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"Saved {out}" in said and "schedule 2:0.5;min=4)" in said  # what was stored
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 8
     assert LazyConfig.from_dict(config["lazyllm"]) == LazyConfig.parse("2:0.5;min=4")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-quality-check",
         action="store_true",
         help="With -q, skip measuring the quantized model's perplexity against the source's on a "
-        f"built-in text (it warns beyond +{THRESHOLD:.0%} and suggests a setting that does not; "
+        f"built-in text (it warns beyond +{THRESHOLD:.0%}% and suggests a setting that does not; "
         "it holds the source's weights in memory at once)",
     )
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")
@@ -77,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
                 warning.message, warning.category, warning.filename, warning.lineno
             )
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
-    stored = f", schedule {schedule.to_string()}" if schedule is not None else ""
+    stored = ""
+    if schedule is not None:  # as it applies to this model: a preset becomes its calibration
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        stored = f", schedule {LazyConfig.from_dict(config['lazyllm']).to_string()}"
     print(f"Saved {path} ({size / 1e6:.1f} MB of weights{stored})")
     return 0
 
