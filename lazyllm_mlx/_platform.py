@@ -59,3 +59,19 @@ def default_dtype(stored=None):
     import mlx.core as mx
 
     return mx.float32 if mx.default_device() == mx.cpu else stored
+
+
+def warn_if_quantized_on_cpu(model) -> None:
+    """Say once that quantized weights are the slow path on the CPU (the fast one on a Mac)."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return
+    if any(hasattr(module, "bits") for _, module in model.named_modules()):
+        _warn_once(
+            "quantized",
+            "this model's weights are quantized: on the CPU quantized matmuls run several times "
+            "slower than float32 (benchmarks/cpu_matmul_dtypes.json; on a Mac they are the fast "
+            "path); for speed here, use the unquantized model or its GGUF file, which loads as "
+            "float32.",
+        )

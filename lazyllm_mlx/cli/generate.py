@@ -15,6 +15,7 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
+from .._platform import warn_if_quantized_on_cpu
 from ..config import LazyConfig
 from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
@@ -275,6 +276,7 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
             trust_remote_code=trust,
             tokenizer_config={"trust_remote_code": True} if trust else None,
         )
+    warn_if_quantized_on_cpu(model)
     for token in args.extra_eos_token:
         try:
             tokenizer.add_eos_token(token)
