@@ -182,6 +182,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(content="t5" * (4096 * 64)), 400, "characters, more than"),
     ("/v1/completions", {"prompt": [5, 999]}, 400, "vocabulary"),
     ("/v1/embeddings", {"input": "t5"}, 404, "No such endpoint"),
+    (
+        "/v1/chat/completions",
+        chat(model="mlx-community/Llama-3.2-1B-Instruct-4bit"),
+        404,
+        "this server serves 'tiny'",
+    ),  # fmt: skip
 ]
 
 

@@ -215,6 +215,7 @@ class APIHandler(BaseHTTPRequestHandler):
                 self._drain()
                 raise RequestError(f"No such endpoint: POST {path}", 404, "not_found_error")
             request = parse_request(POST_ROUTES[path], self._read_body())
+            self._check_model(request)
             tokens = self.server.service.prompt_tokens(request)
             self._complete(request, tokens)
         except RequestError as error:
@@ -224,6 +225,18 @@ class APIHandler(BaseHTTPRequestHandler):
         except Exception as error:  # noqa: BLE001  (one failed request must not stop the server)
             _log.exception("request failed")
             self._error(RequestError(f"Internal error: {error}", 500, "server_error"))
+
+    def _check_model(self, request: CompletionRequest) -> None:
+        """The server serves one model: a request naming another gets a 404, never a silent
+        substitute (the served model is named as /v1/models lists it, or by its path's name)."""
+        served = self.server.service.model_id
+        if request.model is None or request.model in (served, served.rstrip("/").split("/")[-1]):
+            return
+        raise RequestError(
+            f"The model {request.model!r} does not exist here: this server serves {served!r} "
+            "(GET /v1/models).", 404, "invalid_request_error", param="model",
+            code="model_not_found",
+        )  # fmt: skip
 
     def _drain(self) -> None:
         """Read a body nobody will use: closing a socket with unread data resets the
