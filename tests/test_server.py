@@ -182,6 +182,18 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(content="t5" * (4096 * 64)), 400, "characters, more than"),
     ("/v1/completions", {"prompt": [5, 999]}, 400, "vocabulary"),
     ("/v1/embeddings", {"input": "t5"}, 404, "No such endpoint"),
+    ("/v1/chat/completions", chat(tools=[{"type": "function"}]), 400, "tools is not supported"),
+    (
+        "/v1/chat/completions",
+        chat(response_format={"type": "json_object"}),
+        400,
+        "response_format is not supported",
+    ),  # fmt: skip
+    ("/v1/chat/completions", chat(presence_penalty=3), 400, "presence_penalty"),
+    ("/v1/chat/completions", chat(frequency_penalty="x"), 400, "frequency_penalty"),
+    ("/v1/chat/completions", chat(logit_bias={"t5": 1}), 400, "logit_bias must map"),
+    ("/v1/chat/completions", chat(logit_bias={"5": 101}), 400, "logit_bias must map"),
+    ("/v1/chat/completions", chat(logit_bias={"999": 1}), 400, "outside the vocabulary"),
     (
         "/v1/chat/completions",
         chat(model="mlx-community/Llama-3.2-1B-Instruct-4bit"),
@@ -196,6 +208,24 @@ def test_bad_requests_get_json_errors(server, path, body, status, message):
     got, error = post(server, path, body)
     assert got == status
     assert message in error["error"]["message"] and error["error"]["type"]
+
+
+def test_logit_bias_and_penalties_steer_the_tokens(server):
+    status, body = post(server, "/v1/chat/completions",
+                        chat(max_tokens=4, lazy="none", logit_bias={"9": 100}))  # fmt: skip
+    assert status == 200 and body["choices"][0]["message"]["content"].split() == ["t9"] * 4
+    _, plain = post(server, "/v1/chat/completions", chat(max_tokens=8, lazy="none"))
+    _, penalized = post(server, "/v1/chat/completions",
+                        chat(max_tokens=8, lazy="none", frequency_penalty=2.0,
+                             presence_penalty=2.0, logit_bias={"9": 5}))  # fmt: skip
+    answers = [body["choices"][0]["message"]["content"] for body in (plain, penalized)]
+    assert answers[0] != answers[1]
+
+
+def test_only_the_first_streamed_chunk_names_the_role(server):
+    *chunks, finish = stream(server, "/v1/chat/completions", chat(stream=True, max_tokens=4))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:] + [finish])
 
 
 def test_server_keeps_serving_after_errors(server):

@@ -299,16 +299,19 @@ class APIHandler(BaseHTTPRequestHandler):
     def _stream(self, job: Job) -> None:
         request, model_id = job.request, self.server.service.model_id
         self._start_stream()
+        first = True  # only the first chat chunk names the role, as OpenAI's
         for kind, *value in self._events(job):
             if kind == "progress":
                 self._keepalive(*value)
             elif kind == "text":
                 text, logprobs = value
-                self._event(response_body(request, model_id, text, None, None, logprobs))
+                self._event(response_body(request, model_id, text, None, None, logprobs, first))
+                first = False
             elif kind == "finish":
                 finish, logprobs = value
                 extra = {"lazyllm": finish.lazyllm()}
-                self._event(response_body(request, model_id, "", finish.reason, extra, logprobs))
+                body = response_body(request, model_id, "", finish.reason, extra, logprobs, first)
+                self._event(body)
                 if request.include_usage:
                     self._event(usage_chunk(request, model_id, finish.usage()))
                 self._write(b"data: [DONE]\n\n")

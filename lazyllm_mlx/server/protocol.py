@@ -54,6 +54,9 @@ class CompletionRequest:
     min_p: float | None = None
     repetition_penalty: float | None = None
     repetition_context_size: int = 20  # mlx-lm's default
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token (with logprobs)
     stop: list[str] = field(default_factory=list)
@@ -134,6 +137,12 @@ def parse_request(kind: str, raw: bytes) -> CompletionRequest:
     request.repetition_penalty = _number(body, "repetition_penalty", 0.0, None)
     context = _integer(body, "repetition_context_size", 1, None)
     request.repetition_context_size = 20 if context is None else context
+    request.presence_penalty = _number(body, "presence_penalty", -2.0, 2.0)
+    request.frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0)
+    request.logit_bias = _logit_bias(body.get("logit_bias"))
+    for name in UNSUPPORTED:
+        if body.get(name) is not None:
+            raise _bad(f"{name} is not supported: {UNSUPPORTED[name]}.", name)
     request.logprobs, request.top_logprobs = _logprobs(body, kind)
     request.stop = _stop(body.get("stop"))
     request.seed = _integer(body, "seed", 0, 2**64 - 1)
@@ -152,6 +161,33 @@ def parse_request(kind: str, raw: bytes) -> CompletionRequest:
         raise _bad(f"chat_template_kwargs may not set {refused[0]!r}: "
                    f"{_TEMPLATE_KWARGS_REFUSED[refused[0]]}.", "chat_template_kwargs")  # fmt: skip
     return request
+
+
+# OpenAI fields this server refuses rather than ignore, and why.
+UNSUPPORTED = {
+    "tools": "this server does not parse tool calls",
+    "tool_choice": "this server does not parse tool calls",
+    "functions": "this server does not parse function calls",
+    "function_call": "this server does not parse function calls",
+    "response_format": "this server does not constrain the output's format",
+}
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    if value is None:
+        return None
+    bad = _bad("logit_bias must map token ids to numbers from -100 to 100.", "logit_bias")
+    if not isinstance(value, dict):
+        raise bad
+    bias = {}
+    for key, number in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad
+        if not _is_number(number) or not -100 <= number <= 100:
+            raise bad
+        bias[int(key)] = float(number)
+    return bias
 
 
 # Template arguments a request may not give: a template of its own would run unbounded code on
@@ -275,16 +311,18 @@ def response_body(
     finish_reason: str | None,
     extra: dict[str, Any] | None = None,
     logprobs: list[dict[str, Any]] | None = None,
+    role: bool = True,
 ) -> dict[str, Any]:
     """A whole response (non-streaming) or one SSE chunk (streaming), mlx-lm's shapes.
 
     logprobs: the entries (token, logprob, bytes, top_logprobs) of the tokens this response
-    carries, when the request asked for them."""
+    carries, when the request asked for them. role: a chat chunk names the role (the first)."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
     if request.kind == "text":
         choice.update(text=text, logprobs=None if logprobs is None else legacy_logprobs(logprobs))
     elif request.stream:
-        choice["delta"] = {"role": "assistant", **({"content": text} if text else {})}
+        choice["delta"] = {**({"role": "assistant"} if role else {}),
+                           **({"content": text} if text else {})}  # fmt: skip
     else:
         choice["message"] = {"role": "assistant", "content": text}
     if request.kind == "chat" and logprobs is not None:

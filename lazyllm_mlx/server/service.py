@@ -216,9 +216,18 @@ class GenerationService:
             min_p=pick(request.min_p, self.min_p),
             top_k=pick(request.top_k, self.top_k),
         )
+        vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
+        if request.logit_bias and vocab is not None and max(request.logit_bias) >= vocab:
+            raise RequestError(
+                f"logit_bias names token {max(request.logit_bias)}, outside the vocabulary.",
+                param="logit_bias",
+            )
         processors = make_logits_processors(
+            logit_bias=request.logit_bias,
             repetition_penalty=request.repetition_penalty,
             repetition_context_size=request.repetition_context_size,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
         )
         return dict(sampler=sampler, logits_processors=processors or None)
 
