@@ -99,20 +99,15 @@ def calibrate(
     for text in ladder:
         say(f"  {text}  ({expected_fraction(text, num_layers, options.length):.1%} at "
             f"{options.length} tokens)")  # fmt: skip
-    rungs, chosen = [], None
-    for i, text in enumerate(ladder):
-        summary = verify(model, tokenizer, text, options, baselines, tick)
-        verdict = verdict_of(summary)
-        rungs.append(dict(schedule=text, verdict=verdict, **_evidence(summary)))
-        say(f"verify {text}: {verdict or 'holds'} ({_line(summary)})")
-        if verdict is None:
-            chosen = i
-            break
-        if i + 1 < len(ladder):
-            say("  backing off to a schedule that keeps more")
-    schedules = _schedules(ladder, chosen)
-    if chosen is None:
-        say("no candidate held: the calibration stores the safest one as 'safe' only")
+    rungs = verify_ladder(model, tokenizer, ladder, options, baselines, tick, say)
+    chosen = len(rungs) - 1
+    if rungs[chosen]["verdict"] is not None:
+        raise ValueError(
+            "no candidate kept the baseline's answers on the verification prompts, so nothing "
+            "is stored and the generic layout stays; a rerun with --length nearer your prompts "
+            "or a higher --target reuses the probe and the baselines"
+        )
+    schedules = {"default": ladder[chosen], "safe": ladder[min(chosen + 1, len(ladder) - 1)]}
     calibration = Calibration(
         fingerprint=fingerprint(model),
         architecture=tuple(architecture_of(model)),
@@ -161,11 +156,27 @@ def probe_once(
 SIZES = (2048, 8192, 32768)  # prompt lengths the expected prefill fraction is reported at
 
 
-def _schedules(ladder: list[str], chosen: int | None) -> dict[str, str]:
-    if chosen is None:  # nothing verified: no default; `safe` keeps the most
-        return {"default": ladder[-1], "safe": ladder[-1]}
-    safer = ladder[min(chosen + 1, len(ladder) - 1)]
-    return {"default": ladder[chosen], "safe": safer}
+def verify_ladder(
+    model: Any,
+    tokenizer: Any,
+    ladder: list[str],
+    options: CalibrateOptions,
+    baselines: BaselineStore,
+    tick: Callable[[str], None],
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Verify the candidates in order up to the first that holds; each one's evidence."""
+    rungs = []
+    for i, text in enumerate(ladder):
+        summary = verify(model, tokenizer, text, options, baselines, tick)
+        verdict = verdict_of(summary)
+        rungs.append(dict(schedule=text, verdict=verdict, **_evidence(summary)))
+        say(f"verify {text}: {verdict or 'holds'} ({_line(summary)})")
+        if verdict is None:
+            break
+        if i + 1 < len(ladder):
+            say("  backing off to a schedule that keeps more")
+    return rungs
 
 
 def back_off_ladder(

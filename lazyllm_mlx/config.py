@@ -12,29 +12,19 @@ from typing import Any
 # last 64 prompt tokens, pooled over 13 positions, heads reduced by max, 4 sink tokens kept.
 WINDOW_RULE: dict[str, Any] = dict(window=64, pool=13, heads="max", sink=4)
 WINDOW_RULE_TEXT = "w=64;pool=13;heads=max;sink=4"  # the same, as schedule options
+_GENERIC: dict[str, Any] = dict(
+    boundaries=(0.5, 0.75), revive_margin=0.5, min_prompt_tokens=256, **WINDOW_RULE
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "none": dict(boundaries=(), keep=()),
     # The paper's figure: four stages of 30/30/30/10 % of the layers, 70 % kept at each boundary.
     "paper": dict(boundaries=(0.3, 0.6, 0.9), keep=(0.7, 0.7, 0.7)),
-    # The generic layout, for models with no calibration (BENCHMARKS.md, "The generic layout"):
-    # a first cut at half the depth, after the layers where models from 135M to 8B retrieve, that
-    # keeps a budget of tokens (so the kept share falls as prompts grow), a second at three
-    # quarters keeping half. Short prompts are left alone: pruning cannot pay for itself there.
-    "default": dict(
-        boundaries=(0.5, 0.75),
-        keep=(1024, 0.5),
-        revive_margin=0.5,
-        min_prompt_tokens=256,
-        **WINDOW_RULE,
-    ),  # fmt: skip
-    # The same layout with twice the budget.
-    "safe": dict(
-        boundaries=(0.5, 0.75),
-        keep=(2048, 0.5),
-        revive_margin=0.5,
-        min_prompt_tokens=256,
-        **WINDOW_RULE,
-    ),  # fmt: skip
+    # The generic layout, for models with no calibration (BENCHMARKS.md, "Calibration"): a first
+    # cut at half the depth, after the layers where models from 135M to 8B retrieve, that keeps a
+    # budget of tokens (so the kept share falls as prompts grow), a second at three quarters
+    # keeping half. Short prompts are left alone: pruning cannot pay for itself there.
+    "default": dict(_GENERIC, keep=(1024, 0.5)),
+    "safe": dict(_GENERIC, keep=(2048, 0.5)),  # twice the budget
 }
 # Prunes harder where a model has a calibration of it; elsewhere, with nothing measured to prune
 # harder safely, the same as `default`.

@@ -218,3 +218,18 @@ def test_an_interrupted_calibration_stores_nothing(tiny_with_tokenizer, monkeypa
     assert find(model) is None
     kept = [p.name for p in store_dir().rglob("*") if p.is_file()]
     assert all(not name.startswith(".") for name in kept)  # no temporary file left behind
+
+
+def test_when_no_candidate_holds_nothing_is_stored(tiny_with_tokenizer, monkeypatch):
+    model, tokenizer = tiny_with_tokenizer
+
+    def verify(model, tokenizer, text, options, baselines, tick):
+        records = [dict(task="passkey", index=4, score=0.0, base_score=1.0, first_token=0.0)]
+        return dict(instances=records, accuracy_delta=-100.0, accuracy_delta_se=0.0,
+                    first_token=0.0, first_token_where_right=0.0, kl=3.0, continuation=0.0,
+                    prefill_fraction=0.5, ttft_speedup=1.5, scores={})  # fmt: skip
+
+    monkeypatch.setattr(calibrate_module, "verify", verify)
+    with pytest.raises(ValueError, match="nothing is stored and the generic layout stays"):
+        calibrate_module_function(model, tokenizer, CalibrateOptions(length=300, target=0.0))
+    assert find(model) is None
