@@ -10,7 +10,8 @@
    margin of 0.5, as every shipped calibration does.
 3. Verify on other prompts, code completion among them, against the baseline: no answer the
    baseline gets right may get worse, nor its first token change. A failure backs off to a rung
-   that keeps more (one cut fewer, then one cut keeping a share at every length), saying so.
+   that keeps more (one cut fewer, then one cut keeping a share at every length), saying so; when
+   none holds, nothing is stored.
 
 The cost is `probe_prompts` x 3 baseline prefills, `verify_prompts` x 4 baseline generations
 (kept in a baseline cache, so a rerun skips them) and as many lazy ones per rung tried.
