@@ -40,11 +40,11 @@ def resolve_preset(config: LazyConfig, model: nn.Module) -> LazyConfig:
     preset = config.from_preset
     if preset not in PRESET_NAMES:
         return config
-    own = calibration_store.find(model)
+    own, shipped = calibration_store.find(model), CALIBRATED.get(tuple(architecture_of(model)))
     if own is not None:
         table, source = own.schedules, f"calibrated for this model ({own.origin})"
-    elif tuple(architecture_of(model)) in CALIBRATED:
-        table, source = CALIBRATED[tuple(architecture_of(model))], "shipped calibration"
+    elif shipped is not None:
+        table, source = shipped, "shipped calibration"
     else:
         return replace(config, source=UNCALIBRATED)
     if preset == "fast" and "fast" not in table:

@@ -130,8 +130,8 @@ def find(model: nn.Module) -> Calibration | None:
 def _lookup(model: nn.Module) -> Calibration | None:
     folder = getattr(model, "lazyllm_folder", None)
     candidates = [Path(folder) / MODEL_FILE] if folder is not None else []
-    print_ = fingerprint(model)
-    candidates.append(store_dir() / f"{print_}.json")
+    wanted = fingerprint(model)
+    candidates.append(store_dir() / f"{wanted}.json")
     for path in candidates:
         if not path.is_file():
             continue
@@ -140,9 +140,9 @@ def _lookup(model: nn.Module) -> Calibration | None:
         except (OSError, ValueError) as error:
             _warn(f"{error}; ignoring it")
             continue
-        if calibration.fingerprint != print_:
+        if calibration.fingerprint != wanted:
             _warn(f"{path} was made for another model (fingerprint {calibration.fingerprint}, "
-                  f"this one {print_}); ignoring it")  # fmt: skip
+                  f"this one {wanted}); ignoring it")  # fmt: skip
             continue
         return calibration
     return None
