@@ -31,7 +31,7 @@ from tiny_models import random_prompt, tiny_model, tiny_tokenizer
 GGUF_FILES = 1000
 CACHE_FILES = 1000
 MLX_LM_CACHE_FILES = 200
-SERVER_REQUESTS = 600
+SERVER_REQUESTS = 1000
 SECONDS_PER_CASE = 10  # a case taking longer is a hang
 
 

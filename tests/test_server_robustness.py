@@ -152,12 +152,20 @@ def os_threads() -> int:
     return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
 
 
-def test_threads_stay_flat_over_many_requests(serve):
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_threads_and_memory_stay_flat_over_a_500_request_soak(serve):
     server = serve()
-    post(server, chat(max_tokens=2, lazy="none"))  # the worker thread starts with the first
-    before, os_before = threading.active_count(), os_threads()
-    for i in range(60):
+    for i in range(50):  # warm: the worker thread, the prompt caches, MLX's buffers
+        post(server, chat(f"t{5 + i % 50} t6 t7", max_tokens=2, lazy="paper"))
+    before, os_before, rss_before = threading.active_count(), os_threads(), rss_mb()
+    for i in range(500):
         body = chat(f"t{5 + i % 50} t6 t7", max_tokens=2, lazy="none" if i % 2 else "paper")
         assert post(server, body)[0] == 200
     assert wait_until(lambda: threading.active_count() <= before, 10)
     assert os_threads() <= os_before + 2
+    assert rss_mb() < rss_before + 64, (rss_before, rss_mb())
