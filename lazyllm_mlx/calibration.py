@@ -49,8 +49,8 @@ def resolve_preset(config: LazyConfig, model: nn.Module) -> LazyConfig:
         return replace(config, source=UNCALIBRATED)
     if preset == "fast" and "fast" not in table:
         preset = "default"  # nothing measured prunes harder: never slower than its default
-    if preset not in table:
-        return replace(config, source=source)
+    if preset not in table:  # e.g. `safe` where only `default` was measured
+        return replace(config, source=f"generic layout: the {source} has no {preset!r}")
     text = ";".join([table[preset], *config.preset_options])
     parsed = LazyConfig.parse(text)
     return replace(parsed, name=config.name, from_preset=None, preset_options=(), source=source)

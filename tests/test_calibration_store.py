@@ -81,6 +81,11 @@ def test_resolution_order_stored_with_the_model_then_the_store_then_shipped(fold
     resolved = for_model("default", model)
     assert resolved == LazyConfig.parse(MINE["default"]) and MODEL_FILE in resolved.source
     assert for_model("paper", model) == LazyConfig.preset("paper")  # not a calibrated preset
+    save_to_store(calibration_for(model, {"default": "2:0.5;w=4"}))  # no `safe` measured
+    (folder / MODEL_FILE).unlink()
+    model, _ = load(folder)
+    safe = for_model("safe", model)
+    assert safe == LazyConfig.preset("safe") and "has no 'safe'" in safe.source
     assert for_model("4:0.5", model) == LazyConfig.parse("4:0.5")  # explicit schedules stay
     assert capsys.readouterr().err == ""
 
