@@ -255,6 +255,20 @@ def test_a_shared_prefix_reuses_the_cache_and_changes_nothing_unpruned(server, l
     assert fresh["choices"][0]["message"] == two["choices"][0]["message"]
 
 
+def test_an_unrelated_request_does_not_evict_a_conversation(server):
+    _, one = post(server, "/v1/chat/completions", chat(lazy="paper"))
+    _, hi = post(server, "/v1/chat/completions", chat("t9 t8", lazy="paper", max_tokens=2))
+    assert hi["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the header alone: new
+    turn = chat(lazy="paper", max_tokens=4)
+    turn["messages"] += [
+        {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "t9 t8"},
+    ]
+    _, two = post(server, "/v1/chat/completions", turn)
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= 303  # its cache was kept
+    assert len(server.service.caches) == 2
+
+
 def test_the_same_prompt_again_prefills_one_token(server):
     post(server, "/v1/chat/completions", chat())
     _, again = post(server, "/v1/chat/completions", chat())

@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="cache_slots",
         type=non_negative_int,
         default=4,
-        help="Prompt caches kept between requests, one per schedule in use (least recent dropped)",
+        help="Prompt caches kept between requests, several per schedule (least recent dropped)",
     )
     parser.add_argument(
         "--prompt-cache-bytes",
