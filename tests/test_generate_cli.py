@@ -156,3 +156,24 @@ def test_an_adapter_runs_through_the_lazy_engine(tmp_path, capsys):
     code, _, _ = run_cli(capsys, *argv, "--schedule", "paper", "--adapter-path",
                          str(tmp_path / "adapter"))  # fmt: skip
     assert code == 0
+
+
+def test_xtc_and_a_prefilled_response_as_mlx_lm_generate_takes_them(monkeypatch, capsys):
+    from test_server import chat_tokenizer
+
+    model, tokenizer = tiny_model("llama"), chat_tokenizer()
+    monkeypatch.setattr("lazyllm_mlx.cli.generate.load", lambda *a, **k: (model, tokenizer))
+    argv = ["generate", "-p", "t5 t6", "--max-tokens", "3", "--json", "--schedule", "off"]
+    code, out, _ = run_cli(capsys, *argv)
+    plain = json.loads(out)["prompt_tokens"]
+    code, out, _ = run_cli(capsys, *argv, "--prefill-response", "t9 t9 t9")
+    # the assistant's turn is open and holds the prefill: no generation prompt after it
+    assert code == 0 and json.loads(out)["prompt_tokens"] != plain
+    code, out, _ = run_cli(capsys, *argv, "--temp", "1", "--xtc-probability", "1",
+                           "--xtc-threshold", "0.05", "--seed", "3")  # fmt: skip
+    assert code == 0 and len(json.loads(out)["runs"]["baseline"]["tokens"]) == 3
+    with pytest.raises(SystemExit):
+        main([*argv, "--xtc-probability", "2"])
+    assert "--xtc-probability: expected a number between 0 and 1" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, *argv, "--prefill-response", "t9", "--ignore-chat-template")
+    assert code == 2 and "--prefill-response continues the assistant's turn" in err

@@ -36,6 +36,7 @@ from .common import (
     read_prompt,
     seed_int,
     strict_bool,
+    unit_float,
 )
 
 DEFAULT_PROMPT = "hello"
@@ -50,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-file", help="Read the message from this file (long prompts)")
     parser.add_argument("--max-tokens", "-m", type=non_negative_int, default=100)
     add_sampling_arguments(parser)
+    parser.add_argument("--xtc-probability", type=unit_float, default=0.0,
+                        help="Probability of XTC sampling at each token (mlx-lm's)")  # fmt: skip
+    parser.add_argument("--xtc-threshold", type=unit_float, default=0.0,
+                        help="XTC's probability threshold for a candidate token")  # fmt: skip
+    parser.add_argument("--prefill-response", default=None,
+                        help="Start the assistant's answer with this text")  # fmt: skip
     parser.add_argument("--min-tokens-to-keep", type=positive_int, default=1)
     parser.add_argument("--seed", type=seed_int, default=None, help="PRNG seed")
     add_chat_template_arguments(parser)
@@ -114,6 +121,11 @@ def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
 def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
     """mlx-lm's KV cache options for the baseline's generate_step; ValueError, with the reason,
     where they cannot apply. Checked before any model is loaded."""
+    if args.prefill_response is not None and (args.ignore_chat_template or args.prompt_cache_file):
+        raise ValueError(
+            "--prefill-response continues the assistant's turn of the chat template: it cannot be "
+            "used with --ignore-chat-template or --prompt-cache-file."
+        )
     if args.draft_model is not None:
         raise ValueError(
             "--draft-model is not supported: speculative decoding verifies several drafted "
@@ -155,11 +167,15 @@ def prompt_tokens(tokenizer, text: str, args: argparse.Namespace) -> list[int]:
         if args.system_prompt is not None:
             messages.append({"role": "system", "content": args.system_prompt})
         messages.append({"role": "user", "content": text})
+        prefill = args.prefill_response is not None
+        if prefill:  # the answer goes on from this text, as mlx_lm.generate's
+            messages.append({"role": "assistant", "content": args.prefill_response})
         extra = chat_template_config(args)
         try:
             text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **extra
-            )
+                messages, tokenize=False, add_generation_prompt=not prefill,
+                continue_final_message=prefill, **extra,
+            )  # fmt: skip
         except Exception as error:  # jinja2's TemplateError, a raise_exception() in the template
             raise ValueError(f"the chat template failed: {error}") from None
     return tokenizer.encode(text, add_special_tokens=not use_template)
@@ -171,8 +187,10 @@ def run_once(
     if args.seed is not None:
         mx.random.seed(args.seed)
     sampler = make_sampler(
-        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k
-    )
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
+        xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+    )  # fmt: skip
     run = generate_once(
         model,
         tokenizer,
