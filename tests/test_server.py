@@ -532,7 +532,7 @@ def test_prompt_caches_are_bounded_by_bytes(server):
 def test_serve_cli_refuses_a_busy_port_in_one_line(capsys, monkeypatch):
     from lazyllm_mlx.cli import main
 
-    monkeypatch.setattr("lazyllm_mlx.cli.serve.load", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr("lazyllm_mlx.cli.serve.load_model", lambda *a: pytest.fail("loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -541,6 +541,31 @@ def test_serve_cli_refuses_a_busy_port_in_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+def test_serve_takes_mlx_lm_server_loading_flags(capsys, monkeypatch):
+    from lazyllm_mlx.cli import main
+
+    seen = {}
+
+    def load_model(args, model):
+        seen.update(adapter=args.adapter_path, trust=args.trust_remote_code)
+        tokenizer = tiny_tokenizer()  # no template of its own
+        return tiny_model("llama"), tokenizer
+
+    def stop_serving(server, *a, **k):
+        tokenizer = server.service.tokenizer
+        seen.update(template=tokenizer.has_chat_template and tokenizer._tokenizer.chat_template)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lazyllm_mlx.cli.serve.load_model", load_model)
+    monkeypatch.setattr("lazyllm_mlx.server.http.LazyServer.serve_forever", stop_serving)
+    argv = ["serve", "--port", "0", "--adapter-path", "lora", "--trust-remote-code",
+            "--chat-template", TEMPLATE, "--log-level", "WARNING", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen == {"adapter": "lora", "trust": True, "template": TEMPLATE}
+    assert main(["serve", "--use-default-chat-template"]) == 2
+    assert "transformers no longer ships default" in capsys.readouterr().err
 
 
 def test_serve_help_shows_the_defaults(capsys):

@@ -283,7 +283,7 @@ def print_comparison(base: dict, lazy: dict, agree: dict, unpruned: str | None =
 
 def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
     """The model and tokenizer with mlx-lm's loading flags: an adapter, trusted remote code
-    (only when asked), extra end-of-generation tokens."""
+    (only when asked), extra end-of-generation tokens (generate's own flag)."""
     trust = bool(args.trust_remote_code)
     if args.adapter_path is None and not trust:
         model, tokenizer = load(model)
@@ -295,7 +295,7 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
             tokenizer_config={"trust_remote_code": True} if trust else None,
         )
     warn_if_quantized_on_cpu(model)
-    for token in args.extra_eos_token:
+    for token in getattr(args, "extra_eos_token", ()):
         try:
             tokenizer.add_eos_token(token)
         except ValueError as error:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 
 from ..default_model import DEFAULT_MODEL_NAME
 from ..families import family_of
 from ..generate import resolve_schedule
-from ..loading import load
 from ..server import GenerationService, make_server
 from .common import (
     DefaultsHelpFormatter,
@@ -24,6 +24,7 @@ from .common import (
     template_arguments,
     unit_float,
 )
+from .generate import load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +90,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dropped; default: no limit beyond --prompt-cache-size)",
     )
     parser.add_argument("--quiet", action="store_true", help="Do not log each request")
+    parser.add_argument("--adapter-path", help="Trained adapter weights and config (LoRA)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Let the tokenizer run code from the model's repository (never implied)",
+    )
+    parser.add_argument("--chat-template", help="A chat template (Jinja) in place of the model's")
+    parser.add_argument(
+        "--use-default-chat-template",
+        action="store_true",
+        help="Not supported: transformers ships no default templates; use --chat-template",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="Level of the server's log on stderr",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.use_default_chat_template:
+        raise ValueError(
+            "--use-default-chat-template is not supported: transformers no longer ships default "
+            "chat templates; give one with --chat-template."
+        )
+    logging.basicConfig(level=getattr(logging, args.log_level))
     try:  # the port first: a busy one is found before a model is loaded
         server = make_server(None, args.host, args.port, args.quiet, args.allowed_origins)
     except OSError as error:
@@ -108,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(server, args: argparse.Namespace) -> int:
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_model(args, args.model)
+    if args.chat_template is not None:  # as mlx_lm.server's --chat-template
+        tokenizer._tokenizer.chat_template = args.chat_template
+        tokenizer.has_chat_template = True
     lazy = resolve_schedule(model, args.schedule)
     if lazy is not None:
         lazy.resolve(family_of(model).num_layers)  # refuse a schedule that cannot serve at all
