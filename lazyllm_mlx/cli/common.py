@@ -30,6 +30,16 @@ def add_model_argument(
     parser.add_argument(*(flags or ("--model",)), default=None, help=help)
 
 
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's --adapter-path and --trust-remote-code (cli.generate.load_model applies them)."""
+    parser.add_argument("--adapter-path", help="Trained adapter weights and config (LoRA)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Let the tokenizer run code from the model's repository (never implied)",
+    )
+
+
 def add_schedule_argument(parser: argparse.ArgumentParser, about: str) -> None:
     """--schedule: `about` says what it takes here; without it, the model's default schedule."""
     parser.add_argument(

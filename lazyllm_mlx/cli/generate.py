@@ -24,6 +24,7 @@ from ..loading import load
 from ..prompt_cache import cached_model, check_plain, continue_from_file
 from .common import (
     add_chat_template_arguments,
+    add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
     add_sampling_arguments,
@@ -84,12 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
     """The rest of mlx_lm.generate's flags: each works, or is refused with the reason."""
-    parser.add_argument("--adapter-path", help="Trained adapter weights and config (LoRA)")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Let the tokenizer run code from the model's repository (never implied)",
-    )
+    add_loading_arguments(parser)
     parser.add_argument(
         "--extra-eos-token",
         nargs="+",

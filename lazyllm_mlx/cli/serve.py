@@ -13,6 +13,7 @@ from ..generate import resolve_schedule
 from ..server import GenerationService, make_server
 from .common import (
     DefaultsHelpFormatter,
+    add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
     add_schedule_argument,
@@ -90,12 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dropped; default: no limit beyond --prompt-cache-size)",
     )
     parser.add_argument("--quiet", action="store_true", help="Do not log each request")
-    parser.add_argument("--adapter-path", help="Trained adapter weights and config (LoRA)")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="Let the tokenizer run code from the model's repository (never implied)",
-    )
+    add_loading_arguments(parser)
     parser.add_argument("--chat-template", help="A chat template (Jinja) in place of the model's")
     parser.add_argument(
         "--use-default-chat-template",
