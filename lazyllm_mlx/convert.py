@@ -82,8 +82,6 @@ def convert(
     show = sys.stderr.isatty() if progress is None else progress
 
     model, tokenizer, config, src = _load_source(source, dtype, revision, trust_remote_code, show)
-    if src.is_dir():
-        object.__setattr__(model, "lazyllm_folder", str(src))
     measured = calibration_store.find(model)  # the source's own calibration travels with it
     if lazy is not None:
         check_supported(model_type_of(model))

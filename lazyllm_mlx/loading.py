@@ -42,7 +42,7 @@ def load(
     (MLX affine, 4 or 8 bits) and its other weights become float16, and other models keep their
     stored dtype.
     """
-    model, tokenizer, config, local = load_source(
+    model, tokenizer, config, _ = load_source(
         path_or_hf_repo,
         dtype or default_dtype(),
         tokenizer_config=tokenizer_config,
@@ -54,8 +54,6 @@ def load(
     if isinstance(config.get("lazyllm"), dict):
         # Not a child module or parameter: keep it out of mlx's parameter tree.
         object.__setattr__(model, "lazyllm_schedule", dict(config["lazyllm"]))
-    if Path(local).is_dir():  # where a calibration stored with the model is looked for
-        object.__setattr__(model, "lazyllm_folder", str(local))
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
@@ -123,6 +121,7 @@ def load_source(
         cast_floating(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
+    object.__setattr__(model, "lazyllm_folder", str(folder))  # a calibration may be stored there
     return model, tokenizer, config, folder
 
 
