@@ -46,6 +46,7 @@ MAX_FIRST_KEEP = 0.5
 BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
 SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
 MOST = 0.95  # a candidate computing this share of the token-layers or more is not worth verifying
+SIZES = (2048, 8192, 32768)  # prompt lengths the expected prefill fraction is reported at
 
 
 @dataclass
@@ -154,9 +155,6 @@ def probe_once(
     return report
 
 
-SIZES = (2048, 8192, 32768)  # prompt lengths the expected prefill fraction is reported at
-
-
 def verify_ladder(
     model: Any,
     tokenizer: Any,
@@ -226,7 +224,7 @@ def cheapest_layout(
 
     if not good:
         return None
-    work, first = min((b + rest(b, k, options.max_cuts - 1)[0], (b, k)) for b, k in good)
+    _, first = min((b + rest(b, k, options.max_cuts - 1)[0], (b, k)) for b, k in good)
     return [first, *rest(*first, options.max_cuts - 1)[1]]
 
 
