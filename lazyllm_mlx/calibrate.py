@@ -10,8 +10,8 @@
    margin of 0.5, as every shipped calibration does.
 3. Verify on other prompts, code completion among them, against the baseline: no answer the
    baseline gets right may get worse, nor its first token change. A failure backs off to a rung
-   that keeps more (one cut fewer, then one cut keeping a share at every length), saying so; when
-   none holds, nothing is stored.
+   that keeps more (one cut fewer, every cut keeping 1.5 or 2 times more, then one cut keeping a
+   share at every length), saying so; when none holds, nothing is stored.
 
 The cost is `probe_prompts` x 3 baseline prefills, `verify_prompts` x 4 baseline generations
 (kept in a baseline cache, so a rerun skips them) and as many lazy ones per rung tried.
@@ -45,6 +45,8 @@ KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 MAX_FIRST_KEEP = 0.5
 BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
 SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
+# Rungs between the probe's layout and that share: every cut keeping this many times more.
+WIDER = (1.5, 2.0)
 MOST = 0.95  # a candidate computing this share of the token-layers or more is not worth verifying
 SIZES = (2048, 8192, 32768)  # prompt lengths the expected prefill fraction is reported at
 
@@ -181,19 +183,20 @@ def verify_ladder(
 def back_off_ladder(
     recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
 ) -> list[str]:
-    """Schedules to verify, cheapest first: the layout the probe allows, the same with one cut
-    fewer, one cut keeping a share (twice the probe's, at least SAFE_KEEP) at every length; none
-    that would compute nearly everything at the probe length."""
+    """Schedules to verify, cheapest first: the layout the probe allows and the same with one
+    cut fewer, each also with every cut keeping WIDER times more; then one cut keeping a share
+    (twice the probe's, at least SAFE_KEEP) at every length. None that would compute nearly
+    everything at the probe length."""
     best = cheapest_layout(recall, num_layers, options)
     if best is None:
         return []
     (first, keep), *later = best
-    budget = _budget(keep, options.length)
-    candidates = [
-        _text((first, budget), later, keep),
-        _text((first, budget), later[:-1], keep),  # one cut fewer
-        _text((first, max(SAFE_KEEP, 2 * keep)), [], keep),  # a share, not a budget
-    ]
+    candidates = []
+    for wider in (1.0, *WIDER):
+        budget = _budget(keep * wider, options.length)
+        candidates.append(_text((first, budget), later, keep))
+        candidates.append(_text((first, budget), later[:-1], keep))  # one cut fewer
+    candidates.append(_text((first, max(SAFE_KEEP, 2 * keep)), [], keep))  # a share, not a budget
     fraction = {c: expected_fraction(c, num_layers, options.length) for c in candidates}
     pruning = [c for c in dict.fromkeys(candidates) if fraction[c] < MOST]
     return sorted(pruning, key=fraction.get)

@@ -41,11 +41,21 @@ def test_the_cheapest_layout_cuts_after_the_retrieving_layers():
         # 0.3 x 2048 tokens, up to a multiple of 128, then a third of those (rounded up): 41.3 %
         "8:640,18:0.34" + RULE,
         "8:640" + RULE,  # one cut fewer: 49.6 %
+        "8:1024,18:0.34" + RULE,  # every cut keeping 1.5 times more: 50.1 %
+        "8:1280,18:0.34" + RULE,  # twice as many: 56.0 %
+        "8:1024" + RULE,  # 63.3 %
         "8:0.6" + RULE,  # a share at every length: 70.7 %
+        "8:1280" + RULE,  # 72.5 %
     ]
-    # nothing that computes everything is worth verifying (here: 15:1, twice the probe's keep)
+    # nothing that computes everything is worth verifying (here 15:2048 and 15:1, the share)
     wide = back_off_ladder(table({14: 0.5, 18: 0.25}), 30, options)
-    assert wide == ["15:1024,19:0.5" + RULE, "15:1024" + RULE]
+    assert [w.split(";")[0] for w in wide] == [
+        "15:1024,19:0.5",
+        "15:1536,19:0.5",
+        "15:1024",
+        "15:2048,19:0.5",
+        "15:1536",
+    ]
     # a layer that needs more than half the prompt to keep the answer is not ranking it
     assert cheapest_layout(table({1: 0.6, 14: 0.5}), 30, options) == [(15, 0.5)]
     # a layer that finds nothing at any keep leaves nothing to verify
