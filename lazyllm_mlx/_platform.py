@@ -71,7 +71,7 @@ def warn_if_quantized_on_cpu(model) -> None:
         _warn_once(
             "quantized",
             "this model's weights are quantized: on the CPU quantized matmuls run several times "
-            "slower than float32 (benchmarks/cpu_matmul_dtypes.json; on a Mac they are the fast "
-            "path); for speed here, use the unquantized model or its GGUF file, which loads as "
-            "float32.",
+            "slower than float32 (benchmarks/cross-model/cpu_matmul_dtypes.json; on a Mac they are "
+            "the fast path); for speed here, use the unquantized model or its GGUF file, which "
+            "loads as float32.",
         )

@@ -384,7 +384,7 @@ def test_the_quality_check_simulates_mlx_lm_s_quantization_exactly(gguf_files):
 
 
 def test_the_quality_check_flags_the_default_model_at_4_bits_in_groups_of_64(smollm2):
-    """The issue's case: SmolLM2 re-quantized at 4 bits, groups of 64, names no capital."""
+    """The documented case: SmolLM2 re-quantized at 4 bits, groups of 64, names no capital."""
     model, tokenizer, _ = smollm2
     check = quantization_check.check_quantization(model, tokenizer, 64, 4)
     assert check.degraded and check.suggestion is not None

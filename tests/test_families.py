@@ -224,7 +224,7 @@ def test_the_window_is_read_from_the_model_and_matters(family):
     assert mx.abs(unwindowed(prompt) - model(prompt))[:, -1].max().item() > 1e-2
 
 
-def test_supported_table_covers_the_issue_families():
+def test_supported_table_covers_the_documented_families():
     for model_type in ("llama", "mistral", "qwen2", "qwen3", "mixtral", "smollm3"):
         assert model_type in SUPPORTED
     assert {"gemma3_text", "phi3"} <= SUPPORTED.keys()

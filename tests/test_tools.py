@@ -1,14 +1,10 @@
-"""The scripts in tools/: decode profile and BENCHMARKS.md tables, on tiny inputs."""
+"""The scripts in tools/: BENCHMARKS.md tables, pooling, comparisons and timings, on tiny inputs."""
 
 import importlib.util
 from pathlib import Path
 
-from lazyllm_mlx import LazyConfig
-from lazyllm_mlx.config import as_config
-
 import mlx.core as mx
 import pytest
-from tiny_models import random_prompt, tiny_model
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
@@ -18,54 +14,6 @@ def tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_timed_steps_counts_deferred_work_only_with_revival():
-    profile = tool("profile_decode")
-    model = tiny_model("llama")
-    layers = len(model.layers)
-    prompt = random_prompt(64)
-    schedule = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0)
-    norevive = as_config(schedule.to_string() + ";norevive")
-
-    _, times, computed = profile.timed_steps(model, prompt, None, 6)
-    assert len(times) == 5 and computed == [0] * 5  # the baseline keeps no lazy counters
-    _, times, computed = profile.timed_steps(model, prompt, norevive, 6)
-    assert len(times) == 5 and computed == [layers] * 5  # the new token, every layer, nothing else
-    _, times, computed = profile.timed_steps(model, prompt, schedule, 6)
-    assert len(times) == 5 and all(c >= layers for c in computed)
-    assert sum(computed) > 5 * layers  # decoding revived pruned tokens
-    costs = profile.layer_row_costs(model, rows=(1, 3), repeats=2)
-    assert list(costs) == [1, 3] and all(c > 0 for c in costs.values())
-    attention = profile.attention_row_costs(model, 40, rows=(1, 3), repeats=2)
-    assert list(attention) == [1, 3] and all(a > 0 and s > 0 for a, s in attention.values())
-
-
-def test_stage_breakdown_counts_the_tokens_each_stage_computes():
-    profile = tool("profile_decode")
-    model = tiny_model("llama")
-    prompt = random_prompt(64)
-    schedule = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0)
-    rows = profile.stage_breakdown(model, prompt, schedule, 8)
-    assert [(r["stage"], r["layers"]) for r in rows] == [(0, 5), (1, 5)]
-    assert rows[0]["tokens"] == 1 and rows[0]["selection_ms"] == 0.0
-    assert rows[1]["tokens"] >= 1 and rows[1]["selection_ms"] > 0
-    assert all(r["stage_ms"] > 0 for r in rows)
-    assert profile.engine._run_stage.__name__ == "_run_stage"  # restored
-    rows = profile.stage_breakdown(model, prompt, as_config("0.5:0.5;min=0;norevive"), 8)
-    assert [r["tokens"] for r in rows] == [1, 1] and rows[1]["selection_ms"] == 0.0
-
-
-def test_least_squares_slope_and_step_groups():
-    profile = tool("profile_decode")
-    assert profile.least_squares_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
-    assert profile.least_squares_slope([2, 2], [1, 5]) == 0.0
-    groups = profile.by_deferred([5, 15, 15, 200], [0.1, 0.2, 0.4, 1.0])
-    assert groups == [
-        ("0-10", 1, 0.1, 5),
-        ("11-20", 2, pytest.approx(0.3), 15),
-        (">100", 1, 1.0, 200),
-    ]
 
 
 def test_benchmarks_md_tables():
@@ -187,18 +135,6 @@ def test_plot_frontier_merges_methods_of_reports_on_the_same_prompts():
     assert sorted(r["method"] for r in merged["results"]) == ["baseline", "budget", "default"]
     with pytest.raises(SystemExit, match="different prompts"):
         merge([first, report([("budget", 70.0)], num=8)])
-
-
-def test_step_ahead_comparison_runs_both_orders_and_restores_the_rule():
-    ahead = tool("compare_step_ahead")
-    model = tiny_model("llama")
-    prompt = random_prompt(64)
-    lazy = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0, reselect_every=3)
-    first = ahead.timed_run(model, prompt, lazy, 20, ahead=True)
-    second = ahead.timed_run(model, prompt, lazy, 20, ahead=False)
-    assert first["tokens"] == second["tokens"] and len(first["tokens"]) == 20
-    assert first["decode_tps_16"] > 0 and second["median_step_ms"] > 0
-    assert ahead.generation.decode_step_keeps_selection is ahead._KEEPS_SELECTION
 
 
 def test_compare_methods_pairs_two_methods_of_one_report():

@@ -1,7 +1,7 @@
 """Markdown tables for BENCHMARKS.md from the JSON that `lazyllm-mlx bench` and `eval` write.
 
-    python tools/benchmarks_md.py bench benchmarks/bench_smollm2.json
-    python tools/benchmarks_md.py eval benchmarks/eval_smollm2.json
+    python tools/benchmarks_md.py bench benchmarks/smollm2-135m/bench_1k_2k_4k_none_paper.json
+    python tools/benchmarks_md.py eval benchmarks/smollm2-135m/eval_4k_default_40.json
 
 Prints the table and the command that produced the JSON, to paste under a heading.
 """

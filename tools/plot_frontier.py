@@ -1,7 +1,7 @@
 """One frontier plot from several `lazyllm-mlx eval --json` reports of one model (one column per
 prompt length, as `eval --plot` draws a single report).
 
-    python tools/plot_frontier.py benchmarks/frontier_smollm2_*k.json --out frontier.png
+    python tools/plot_frontier.py benchmarks/smollm2-135m/eval_*k_layouts*.json --out frontier.png
 """
 
 from __future__ import annotations

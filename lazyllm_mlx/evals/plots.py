@@ -114,7 +114,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
             if not members:
                 continue
             xs = [r["prefill_fraction"] for r in members]
-            # reports written before stop 9 have no paired difference: the plain one, no se
+            # older reports have no paired difference: the plain one, with no se
             deltas = [r.get("accuracy_delta", r["accuracy"] - base) for r in members]
             errors = [r.get("accuracy_delta_se", 0.0) for r in members]
             top.errorbar(xs, deltas, yerr=errors, marker=marker, color=color, label=group,
