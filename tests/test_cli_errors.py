@@ -71,6 +71,9 @@ def one_line_error(err: str) -> str:
         (["probe", "--target", "2"], "--target: expected a number between 0 and 1"),
         (["generate", "--prompt", "a\udcffb"], "--prompt is not UTF-8 text"),
         (["generate", "--prompt", "x", "--prompt-file", "f.txt"], "not both"),
+        (["generate", "--use-default-chat-template"], "transformers no longer ships default"),
+        (["generate", "--num-draft-tokens", "4"], "--num-draft-tokens is not supported: spec"),
+        (["generate", "--num-draft-tokens", "0"], "--num-draft-tokens: expected a positive"),
     ],
 )
 def test_bad_values_name_their_flag(no_model, capsys, argv, message):

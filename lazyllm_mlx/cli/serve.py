@@ -13,11 +13,13 @@ from ..generate import resolve_schedule
 from ..server import GenerationService, make_server
 from .common import (
     DefaultsHelpFormatter,
+    add_default_chat_template_argument,
     add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
     add_schedule_argument,
     byte_size,
+    check_default_chat_template,
     non_negative_float,
     non_negative_int,
     port_number,
@@ -93,11 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="Do not log each request")
     add_loading_arguments(parser)
     parser.add_argument("--chat-template", help="A chat template (Jinja) in place of the model's")
-    parser.add_argument(
-        "--use-default-chat-template",
-        action="store_true",
-        help="Not supported: transformers ships no default templates; use --chat-template",
-    )
+    add_default_chat_template_argument(parser)
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -107,11 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.use_default_chat_template:
-        raise ValueError(
-            "--use-default-chat-template is not supported: transformers no longer ships default "
-            "chat templates; give one with --chat-template."
-        )
+    check_default_chat_template(args, "give one with --chat-template")
     logging.basicConfig(level=getattr(logging, args.log_level))
     try:  # the port first: a busy one is found before a model is loaded
         server = make_server(None, args.host, args.port, args.quiet, args.allowed_origins)
