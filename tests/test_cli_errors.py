@@ -74,6 +74,14 @@ def one_line_error(err: str) -> str:
         (["generate", "--use-default-chat-template"], "transformers no longer ships default"),
         (["generate", "--num-draft-tokens", "4"], "--num-draft-tokens is not supported: spec"),
         (["generate", "--num-draft-tokens", "0"], "--num-draft-tokens: expected a positive"),
+        (
+            ["cache-prompt", "-p", "x", "--prompt-cache-file", "c", "--kv-bits", "4"],
+            "--kv-bits cannot be used with cache-prompt, which saves a LazyLLM cache: the lazy",
+        ),  # fmt: skip
+        (
+            ["cache-prompt", "-p", "x", "--prompt-cache-file", "c", "--max-kv-size", "64"],
+            "--max-kv-size cannot be used with cache-prompt",
+        ),  # fmt: skip
     ],
 )
 def test_bad_values_name_their_flag(no_model, capsys, argv, message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -20,7 +21,7 @@ from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
 from ..loading import load
-from ..prompt_cache import cached_model, check_plain, continue_from_file
+from ..prompt_cache import cached_loading, check_plain, continue_from_file
 from .common import (
     KV_CACHE_REASON,
     add_chat_template_arguments,
@@ -83,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-cache-file",
         help="Continue a cache saved by `lazyllm-mlx cache-prompt`: the prompt goes on from the "
-        "cached document (model and schedule default to the file's)",
+        "cached document (model, adapter and schedule default to the file's; its --eos-token "
+        "ends the generation)",
     )
     add_mlx_lm_arguments(parser)
 
@@ -270,12 +272,18 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
             tokenizer_config={"trust_remote_code": True} if trust else None,
         )
     warn_if_quantized_on_cpu(model)
-    for token in getattr(args, "extra_eos_token", ()):
+    add_eos_tokens(tokenizer, getattr(args, "extra_eos_token", ()), "--extra-eos-token")
+    return model, tokenizer
+
+
+def add_eos_tokens(tokenizer: Any, tokens: Sequence[str], flag: str) -> None:
+    """More tokens (text or ids) that end a generation; ValueError naming `flag` for one the
+    tokenizer does not know."""
+    for token in tokens:
         try:
             tokenizer.add_eos_token(token)
         except ValueError as error:
-            raise ValueError(f"--extra-eos-token: {error}") from None
-    return model, tokenizer
+            raise ValueError(f"{flag}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -287,7 +295,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
         plain = args.schedule == "off"
         check_plain(args.prompt_cache_file, plain)  # before a model is loaded for nothing
-        model, tokenizer = load_model(args, args.model or cached_model(args.prompt_cache_file))
+        saved = cached_loading(args.prompt_cache_file)
+        args.adapter_path = args.adapter_path or saved.adapter_path
+        model, tokenizer = load_model(args, args.model or saved.model)
+        add_eos_tokens(tokenizer, saved.eos_tokens, f"{args.prompt_cache_file}'s --eos-token")
         lazy, tokens, cache = continue_from_file(
             args.prompt_cache_file,
             model,
