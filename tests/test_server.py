@@ -9,6 +9,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from lazyllm_mlx import LazyConfig, generate
 from lazyllm_mlx.server import GenerationService, make_server
@@ -33,8 +35,9 @@ def chat_tokenizer() -> TokenizerWrapper:
     return TokenizerWrapper(hf)
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextmanager
+def tiny_server() -> Iterator:
+    """A tiny model served as 'tiny' (schedule paper, 8 tokens) on a free loopback port."""
     model = tiny_model("llama")
     service = GenerationService(
         model, chat_tokenizer(), lazy=LazyConfig.preset("paper"), model_id="tiny", max_tokens=8
@@ -42,10 +45,18 @@ def server():
     server = make_server(service, port=0, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with tiny_server() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
