@@ -57,6 +57,23 @@ def check_default_chat_template(args: argparse.Namespace, instead: str) -> None:
         )
 
 
+def add_refused_argument(
+    parser: argparse.ArgumentParser, *flags: str, reason: str, **kwargs: Any
+) -> None:
+    """An mlx-lm flag this command does not support: giving it fails at once with `reason`."""
+
+    class Refused(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            raise argparse.ArgumentError(self, f"not supported: {reason}")
+
+    parser.add_argument(*flags, action=Refused, help=f"Not supported: {reason}", **kwargs)
+
+
+SPECULATIVE_REASON = (
+    "speculative decoding verifies several drafted tokens in one forward pass, while the lazy "
+    "engine decodes one token at a time with revival"
+)
+
 # Why mlx-lm's KV cache flags cannot apply to a lazy cache (generate, cache-prompt).
 KV_CACHE_REASON = (
     "the lazy engine keeps the KV of every token it computed in the model's dtype (a pruned "

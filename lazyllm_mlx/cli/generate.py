@@ -24,12 +24,14 @@ from ..loading import load
 from ..prompt_cache import cached_loading, check_plain, continue_from_file
 from .common import (
     KV_CACHE_REASON,
+    SPECULATIVE_REASON,
     add_chat_template_arguments,
     add_default_chat_template_argument,
     add_kv_cache_arguments,
     add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
+    add_refused_argument,
     add_sampling_arguments,
     add_schedule_argument,
     chat_template_config,
@@ -105,6 +107,20 @@ def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-draft-tokens", type=positive_int, default=None, help="Not supported (as above)"
     )
+    add_refused_argument(
+        parser,
+        "--image",
+        nargs="+",
+        reason="the lazy engine prunes the tokens of text models only; run mlx_lm.generate --image",
+    )
+    add_refused_argument(
+        parser,
+        "--quantize-activations",
+        "-qa",
+        nargs=0,
+        reason="activation quantization (nvfp4, mxfp8 models) is not checked against the lazy "
+        "engine; run mlx_lm.generate -qa",
+    )
 
 
 def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,9 +135,8 @@ def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.draft_model is not None or args.num_draft_tokens is not None:
         flag = "--draft-model" if args.draft_model is not None else "--num-draft-tokens"
         raise ValueError(
-            f"{flag} is not supported: speculative decoding verifies several drafted "
-            "tokens in one forward pass, while the lazy engine decodes one token at a time with "
-            "revival; for plain mlx-lm, run mlx_lm.generate --draft-model."
+            f"{flag} is not supported: {SPECULATIVE_REASON}; for plain mlx-lm, run "
+            "mlx_lm.generate --draft-model."
         )
     options = kv_cache_options(args)
     if not options:
