@@ -55,13 +55,15 @@ def convert(
     progress: bool | None = None,
     quality_check: bool = True,
     report: Callable[[str], None] | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Convert `hf_path` (folder, hub id, .gguf file; None: the default model) to an MLX folder.
 
     Arguments follow `mlx_lm.convert`. dtype: of the saved floating weights; default the source's
     (config.json's torch_dtype, float16 for GGUF). schedule: stored in config.json, used by
     `lazyllm-mlx generate` by default; checked against the model before anything is written.
-    overwrite: replace an existing `mlx_path`. progress: a progress bar on stderr (default: when
+    overwrite: replace an existing `mlx_path`. dequantize: write a quantized source's weights
+    in floating point (mlx-lm's -d). progress: a progress bar on stderr (default: when
     stderr is a terminal). quality_check: with `quantize`, measure the perplexity of the quantized
     weights against the source's on a short built-in text (a forward pass of each: the source's
     weights are then held in memory at once); a rise beyond quantization_check.THRESHOLD warns
@@ -74,6 +76,8 @@ def convert(
     target = _output_folder(Path(mlx_path).expanduser(), overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if quantize and dequantize:
+        raise ValueError("Choose -q/--quantize or -d/--dequantize, not both.")
     if not quantize and (q_bits or q_group_size or quant_predicate):
         raise ValueError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
     if quantize:
@@ -83,6 +87,8 @@ def convert(
 
     model, tokenizer, config, src = _load_source(source, dtype, revision, trust_remote_code, show)
     measured = calibration_store.find(model)  # the source's own calibration travels with it
+    if dequantize:
+        model = _dequantize(model, config, dtype)
     if lazy is not None:
         check_supported(model_type_of(model))
         lazy = for_model(lazy, model)  # a preset as it applies to this model
@@ -101,6 +107,19 @@ def convert(
         if carried is not None:
             calibration_store.write(carried, folder / calibration_store.MODEL_FILE)
     return target
+
+
+def _dequantize(model: nn.Module, config: dict, dtype: str | None) -> nn.Module:
+    """mlx_lm convert's -d: quantized layers back to floating ones, all weights in `dtype`, else
+    the stored one (the dequantized ones come out in their scales' dtype)."""
+    from mlx_lm.utils import dequantize_model
+
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    model = dequantize_model(model)
+    if (target := dtype or _stored_dtype(config)) is not None:
+        cast_floating(model, getattr(mx, target))
+    return model
 
 
 def _carried(measured: Calibration, model: nn.Module) -> Calibration:

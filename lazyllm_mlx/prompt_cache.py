@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -318,12 +319,17 @@ def save_document_cache(
     prefix: str,
     template: dict[str, Any] | None,
     system_prompt: str | None,
+    adapter_path: str | None = None,
+    eos_tokens: list[str] | None = None,
 ) -> None:
     """Save the cache of a prefilled document with what continuing it needs: how to find the
-    model again (`model_source` as given to `load`, None for the default model), the prefix text,
-    the chat template arguments (None: no template) and the system prompt."""
+    model again (`model_source` as given to `load`, None for the default model; the adapter it
+    was loaded with), the prefix text, the chat template arguments (None: no template), the
+    system prompt and the extra tokens that end a generation."""
     metadata = {
         "model": _model_reference(model_source),
+        "adapter_path": _model_reference(adapter_path),
+        "eos_tokens": json.dumps(list(eos_tokens or [])),
         "schedule": cache.config.to_string(),
         "chat_template_args": json.dumps(template),  # "null": no chat template
         "system_prompt": json.dumps(system_prompt),
@@ -351,13 +357,29 @@ def check_plain(path: str | Path, plain: bool) -> bool:
     return foreign
 
 
-def cached_model(path: str | Path) -> str | None:
-    """The model a saved document names, as `load` takes it (None: the default model); mlx-lm's
-    files name it too."""
+@dataclass(frozen=True)
+class SavedLoading:
+    """How a saved document's model was loaded: what a later `generate` loads by default."""
+
+    model: str | None  # as `load` takes it; None: the default model
+    adapter_path: str | None
+    eos_tokens: list[str]
+
+
+def cached_loading(path: str | Path) -> SavedLoading:
+    """The model, adapter and end tokens a saved document was built with; mlx-lm's cache_prompt
+    files keep the model and its --eos-token too."""
     arrays, metadata = read_file(path)
     if file_kind(metadata) == "mlx-lm":
-        return metadata.get("0.model") or None
-    return _checked_header(path, arrays, metadata)[1].get("user", {}).get("model") or None
+        user = {k[2:]: v for k, v in metadata.items() if k.startswith("0.")}
+        eos = json.loads(user.get("tokenizer_config") or "{}").get("eos_token")
+        return SavedLoading(user.get("model") or None, None, [eos] if eos else [])
+    user = _checked_header(path, arrays, metadata)[1].get("user", {})
+    return SavedLoading(
+        user.get("model") or None,
+        user.get("adapter_path") or None,
+        json.loads(user.get("eos_tokens") or "[]"),
+    )
 
 
 def continue_from_file(

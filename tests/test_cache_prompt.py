@@ -122,6 +122,41 @@ def test_mismatches_and_broken_files_are_clear_errors(folder, cached, capsys, tm
     assert code == 2 and "not 'off'" in err
 
 
+def test_the_file_keeps_the_adapter_and_end_token_for_the_next_turn(folder, capsys, tmp_path):
+    from test_generate_cli import write_adapter
+
+    write_adapter(tmp_path / "adapter", tiny_model("llama"))
+    path = str(tmp_path / "c.safetensors")
+    argv = ["cache-prompt", "--model", str(folder), "-p", DOCUMENT, "--prompt-cache-file", path,
+            "--schedule", "none", "--adapter-path", str(tmp_path / "adapter")]  # fmt: skip
+    turn = ["generate", "--prompt-cache-file", path, "-p", QUESTION, "--max-tokens", "6", "--json"]
+    assert run_cli(capsys, *argv)[0] == 0
+    code, out, err = run_cli(capsys, *turn)  # a model without the adapter would not match
+    assert code == 0, err
+    free = json.loads(out)["runs"]["lazy"]["tokens"]
+    code, out, _ = run_cli(capsys, *turn, "--adapter-path", str(tmp_path / "adapter"))
+    assert json.loads(out)["runs"]["lazy"]["tokens"] == free
+    stop = tiny_tokenizer().decode([free[2]])
+    assert run_cli(capsys, *argv, "--eos-token", stop)[0] == 0
+    code, out, _ = run_cli(capsys, *turn)
+    run = json.loads(out)["runs"]["lazy"]
+    assert run["tokens"] == free[: free.index(free[2])] and run["finish_reason"] == "stop"
+    code, _, err = run_cli(capsys, *argv, "--eos-token", "not-a-token-here")
+    assert code == 2 and "--eos-token: 'not-a-token-here' is not a token" in err
+
+
+def test_generate_stops_at_an_mlx_lm_cache_s_eos_token(folder, tmp_path):
+    from lazyllm_mlx.prompt_cache import cached_loading
+
+    from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
+
+    path = str(tmp_path / "mlx.safetensors")
+    metadata = {"model": str(folder), "tokenizer_config": json.dumps({"eos_token": "t9"})}
+    save_prompt_cache(path, make_prompt_cache(tiny_model("llama")), metadata)
+    saved = cached_loading(path)
+    assert (saved.model, saved.adapter_path, saved.eos_tokens) == (str(folder), None, ["t9"])
+
+
 def test_prefix_and_query_join_into_the_whole_prompt_on_the_real_template(smollm2):
     """On SmolLM2's own template (a default system prompt, ChatML turns)."""
     _, tokenizer, _ = smollm2
@@ -147,8 +182,7 @@ def test_default_model_end_to_end(smollm2, monkeypatch, capsys, tmp_path):
         loaded.append(path)
         return model, tokenizer
 
-    for module in ("cli.cache_prompt", "cli.generate"):
-        monkeypatch.setattr(f"lazyllm_mlx.{module}.load", load_default)
+    monkeypatch.setattr("lazyllm_mlx.cli.generate.load", load_default)  # both commands' loader
     with open(EXAMPLES / "long_document.txt", encoding="utf-8") as f:
         document = f.read(900)
     question = "\n\nQuestion: What is the population of Carrow Sands?"

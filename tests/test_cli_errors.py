@@ -71,6 +71,27 @@ def one_line_error(err: str) -> str:
         (["probe", "--target", "2"], "--target: expected a number between 0 and 1"),
         (["generate", "--prompt", "a\udcffb"], "--prompt is not UTF-8 text"),
         (["generate", "--prompt", "x", "--prompt-file", "f.txt"], "not both"),
+        (["generate", "--use-default-chat-template"], "transformers no longer ships default"),
+        (["generate", "--num-draft-tokens", "4"], "--num-draft-tokens is not supported: spec"),
+        (["generate", "--num-draft-tokens", "0"], "--num-draft-tokens: expected a positive"),
+        (["generate", "--image", "a.png"], "--image: not supported: the lazy engine prunes"),
+        (["generate", "-qa"], "--quantize-activations/-qa: not supported: activation"),
+        (["serve", "--draft-model", "d"], "--draft-model: not supported: speculative decoding"),
+        (["serve", "--num-draft-tokens", "2"], "--num-draft-tokens: not supported: speculative"),
+        (["serve", "--kv-bits", "4"], "--kv-bits: not supported: the lazy engine keeps the KV"),
+        (["serve", "--kv-group-size", "32"], "--kv-group-size: not supported: the lazy engine"),
+        (["serve", "--quantized-kv-start", "0"], "--quantized-kv-start: not supported: the lazy"),
+        (["serve", "--decode-concurrency", "4"], "--decode-concurrency: not supported: the lazy"),
+        (["serve", "--prompt-concurrency", "4"], "--prompt-concurrency: not supported: the lazy"),
+        (["serve", "--pipeline"], "--pipeline: not supported: the server runs on one machine"),
+        (
+            ["cache-prompt", "-p", "x", "--prompt-cache-file", "c", "--kv-bits", "4"],
+            "--kv-bits cannot be used with cache-prompt, which saves a LazyLLM cache: the lazy",
+        ),  # fmt: skip
+        (
+            ["cache-prompt", "-p", "x", "--prompt-cache-file", "c", "--max-kv-size", "64"],
+            "--max-kv-size cannot be used with cache-prompt",
+        ),  # fmt: skip
     ],
 )
 def test_bad_values_name_their_flag(no_model, capsys, argv, message):

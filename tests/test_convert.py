@@ -152,6 +152,37 @@ def test_mixed_bit_recipe(tmp_path, hf_folder):
     assert tokens_match_mlx_lm(model, "none", random_prompt(60), 8)
 
 
+def test_dequantize_writes_the_quantized_weights_in_floating_point(tmp_path, hf_folder, capsys):
+    quantized = convert(hf_folder, tmp_path / "q", quantize=True, q_bits=8, dtype="float32")
+    argv = ["convert", "--model", str(quantized), "--mlx-path", str(tmp_path / "d"), "-d"]
+    assert cli.main([*argv, "--dtype", "float32"]) == 0
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    assert saved_dtypes(tmp_path / "d") == {mx.float32}
+    convert(quantized, tmp_path / "stored", dequantize=True)
+    assert saved_dtypes(tmp_path / "stored") == {mx.bfloat16}  # config.json's, as mlx-lm's
+    source, _ = mlx_lm.load(str(quantized))
+    for loader in (load, mlx_lm.load):
+        model, _ = loader(str(tmp_path / "d"))
+        q, d = source.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.q_proj
+        assert type(d) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+        assert mx.array_equal(d.weight, mx.dequantize(q.weight, q.scales, q.biases, 64, 8))
+    with pytest.raises(SystemExit):  # argparse: one or the other, before anything loads
+        cli.main([*argv, "-q"])
+    assert "-q/--quantize: not allowed with argument -d/--dequantize" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not both"):
+        convert(quantized, tmp_path / "e", quantize=True, dequantize=True)
+
+
+def test_upload_repo_is_refused_with_the_command_that_does_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lazyllm_mlx.cli.convert.convert", lambda *a, **k: pytest.fail("ran"))
+    argv = ["convert", "--mlx-path", str(tmp_path / "m"), "--upload-repo", "me/model"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--upload-repo is not supported" in err
+    assert f"mlx_lm.upload --path {tmp_path / 'm'} --upload-repo me/model" in err
+
+
 def test_refuses_to_overwrite_unless_asked(tmp_path, gguf_files):
     target = tmp_path / "out"
     target.mkdir()

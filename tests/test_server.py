@@ -9,13 +9,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from lazyllm_mlx import LazyConfig, generate
 from lazyllm_mlx.server import GenerationService, make_server
 from lazyllm_mlx.server.service import StopText
 
+import mlx.core as mx
 import pytest
-from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -33,8 +36,9 @@ def chat_tokenizer() -> TokenizerWrapper:
     return TokenizerWrapper(hf)
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextmanager
+def tiny_server() -> Iterator:
+    """A tiny model served as 'tiny' (schedule paper, 8 tokens) on a free loopback port."""
     model = tiny_model("llama")
     service = GenerationService(
         model, chat_tokenizer(), lazy=LazyConfig.preset("paper"), model_id="tiny", max_tokens=8
@@ -42,10 +46,18 @@ def server():
     server = make_server(service, port=0, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with tiny_server() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -194,6 +206,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat(logit_bias={"t5": 1}), 400, "logit_bias must map"),
     ("/v1/chat/completions", chat(logit_bias={"5": 101}), 400, "logit_bias must map"),
     ("/v1/chat/completions", chat(logit_bias={"999": 1}), 400, "outside the vocabulary"),
+    ("/v1/chat/completions", chat(xtc_probability=2), 400, "xtc_probability"),
+    ("/v1/chat/completions", chat(presence_context_size=0), 400, "presence_context_size"),
+    ("/v1/chat/completions", chat(draft_model="small"), 400, "draft_model is not supported"),
+    ("/v1/chat/completions", chat(adapters="lora"), 400, "start it with --adapter-path"),
+    ("/v1/chat/completions", chat(role_mapping={}), 400, "role_mapping is not supported"),
     (
         "/v1/chat/completions",
         chat(model="mlx-community/Llama-3.2-1B-Instruct-4bit"),
@@ -201,6 +218,27 @@ BAD_REQUESTS = [
         "this server serves 'tiny'",
     ),  # fmt: skip
 ]
+
+
+def test_mlx_lm_server_s_own_sampling_fields(server):
+    model, tokenizer = server.service.model, server.service.tokenizer
+    prompt = "t5 t6 t7 t8 t9 t5 t6"
+    body = {"prompt": prompt, "max_tokens": 6, "lazy": "none"}
+    for name in ("presence", "frequency"):
+        fields = {f"{name}_penalty": 2.0, f"{name}_context_size": 1}
+        processors = make_logits_processors(logit_bias={9: 3.0}, **fields)
+        expected = generate(model, tokenizer, prompt, max_tokens=6, lazy="none",
+                            logits_processors=processors)  # fmt: skip
+        got = post(server, "/v1/completions", {**body, **fields, "logit_bias": {"9": 3}})[1]
+        # t9 comes back: with mlx-lm's default context (20) the prompt's t9 would hold it off
+        assert got["choices"][0]["text"] == expected and "t9" in expected.split()
+    special = tokenizer.encode("\n") + list(tokenizer.eos_token_ids)
+    sampler = make_sampler(1.0, xtc_probability=1.0, xtc_threshold=0.02,
+                           xtc_special_tokens=special)  # fmt: skip
+    mx.random.seed(3)
+    expected = generate(model, tokenizer, prompt, max_tokens=6, lazy="none", sampler=sampler)
+    fields = dict(temperature=1.0, seed=3, xtc_probability=1.0, xtc_threshold=0.02)
+    assert post(server, "/v1/completions", {**body, **fields})[1]["choices"][0]["text"] == expected
 
 
 @pytest.mark.parametrize(("path", "body", "status", "message"), BAD_REQUESTS)

@@ -1,7 +1,9 @@
 """`lazyllm-mlx cache-prompt`: prefill a long document once and save the lazy cache to a file.
 
 `generate --prompt-cache-file F --prompt Q` then continues the document with Q (see
-lazyllm_mlx.prompt_cache for the convention).
+lazyllm_mlx.prompt_cache for the convention). mlx_lm.cache_prompt's --adapter-path,
+--trust-remote-code and --eos-token work (the file keeps the adapter and the token for that later
+turn); its KV cache flags are refused with the reason, as `generate` refuses them.
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ import mlx.core as mx
 
 from ..engine import LazyStats
 from ..generate import check_request, generate_step, make_lazy_cache, resolve_schedule
-from ..loading import load
 from ..prompt_cache import document_tokens, save_document_cache
 from .common import (
+    KV_CACHE_REASON,
     add_chat_template_arguments,
+    add_kv_cache_arguments,
+    add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
     add_schedule_argument,
     chat_template_config,
+    kv_cache_flags,
+    kv_cache_options,
     output_file,
     progress_bar,
     read_prompt,
 )
+from .generate import add_eos_tokens, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_chat_template_arguments(parser)
     add_prefill_step_size_argument(parser)
+    add_loading_arguments(parser)
+    parser.add_argument(
+        "--eos-token",
+        default=None,
+        help="A token (text or id) that ends the generations continued from this cache",
+    )
+    add_kv_cache_arguments(parser, " (not supported: the cache is a lazy one)")
 
 
 def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
-    model, tokenizer = load(args.model)
+    if options := kv_cache_options(args):
+        raise ValueError(
+            f"{kv_cache_flags(options)} cannot be used with cache-prompt, which saves a LazyLLM "
+            f"cache: {KV_CACHE_REASON}; for an mlx-lm cache, run mlx_lm.cache_prompt."
+        )
+    model, tokenizer = load_model(args, args.model)
+    eos_tokens = [args.eos_token] if args.eos_token is not None else []
+    add_eos_tokens(tokenizer, eos_tokens, "--eos-token")  # a token it does not know fails now
     lazy = resolve_schedule(model, args.schedule)
     if lazy is None:
         raise ValueError(
@@ -93,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         prefix=prefix,
         template=template,
         system_prompt=args.system_prompt,
+        adapter_path=args.adapter_path,
+        eos_tokens=eos_tokens,
     )
     size = Path(args.prompt_cache_file).stat().st_size
     print(

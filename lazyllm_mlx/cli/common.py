@@ -40,6 +40,92 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_default_chat_template_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--use-default-chat-template",
+        action="store_true",
+        help="Not supported: transformers ships no default chat templates any more",
+    )
+
+
+def check_default_chat_template(args: argparse.Namespace, instead: str) -> None:
+    """Refuse mlx-lm's --use-default-chat-template: the tokenizer attribute it reads is gone."""
+    if args.use_default_chat_template:
+        raise ValueError(
+            "--use-default-chat-template is not supported: transformers no longer ships default "
+            f"chat templates; {instead}."
+        )
+
+
+def add_refused_argument(
+    parser: argparse.ArgumentParser, *flags: str, reason: str, **kwargs: Any
+) -> None:
+    """An mlx-lm flag this command does not support: giving it fails at once with `reason`."""
+
+    class Refused(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            raise argparse.ArgumentError(self, f"not supported: {reason}")
+
+    parser.add_argument(*flags, action=Refused, help=f"Not supported: {reason}", **kwargs)
+
+
+SPECULATIVE_REASON = (
+    "speculative decoding verifies several drafted tokens in one forward pass, while the lazy "
+    "engine decodes one token at a time with revival"
+)
+
+# Why mlx-lm's KV cache flags cannot apply to a lazy cache (generate, cache-prompt).
+KV_CACHE_REASON = (
+    "the lazy engine keeps the KV of every token it computed in the model's dtype (a pruned "
+    "token may be revived at any later step), so it can neither drop the oldest tokens nor "
+    "quantize them"
+)
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser, note: str) -> None:
+    """mlx-lm's KV cache flags; `note` says where they apply."""
+    from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+
+    parser.add_argument(
+        "--max-kv-size", type=positive_int, default=None, help="KV cache size cap" + note
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(2, 3, 4, 5, 6, 8),
+        default=None,
+        help="Quantize the KV cache" + note,
+    )
+    parser.add_argument("--kv-group-size", type=positive_int, default=64, help="With --kv-bits")
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=non_negative_int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        help="With --kv-bits: quantize from this step on",
+    )
+
+
+def kv_cache_options(args: argparse.Namespace) -> dict[str, int]:
+    """The KV cache options given, as mlx-lm's generate_step takes them ({} for none);
+    --kv-group-size and --quantized-kv-start only count with --kv-bits, as in mlx-lm."""
+    options = {}
+    if args.max_kv_size is not None:
+        options["max_kv_size"] = args.max_kv_size
+    if args.kv_bits is not None:
+        options.update(
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            quantized_kv_start=args.quantized_kv_start,
+        )
+    return options
+
+
+def kv_cache_flags(options: dict[str, int]) -> str:
+    """The flags behind `options`, for a message: '--max-kv-size and --kv-bits'."""
+    given = [k for k in ("max_kv_size", "kv_bits") if k in options]
+    return " and ".join("--" + k.replace("_", "-") for k in given)
+
+
 def add_schedule_argument(parser: argparse.ArgumentParser, about: str) -> None:
     """--schedule: `about` says what it takes here; without it, the model's default schedule."""
     parser.add_argument(

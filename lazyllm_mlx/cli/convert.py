@@ -1,4 +1,6 @@
-"""`lazyllm-mlx convert`: mlx_lm convert's flags, GGUF sources, plus --schedule and --overwrite."""
+"""`lazyllm-mlx convert`: mlx_lm convert's flags, GGUF sources, plus --schedule and --overwrite.
+
+--upload-repo is refused: the folder is published with mlx-lm's own `mlx_lm.upload`."""
 
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mlx-path", type=output_folder, default="mlx_model", help="Folder to write the model to"
     )
-    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights")
+    quantization.add_argument(
+        "-d", "--dequantize", action="store_true", help="Dequantize a quantized model"
+    )
     parser.add_argument("--q-group-size", type=int, default=None, help="Quantization group size")
     parser.add_argument("--q-bits", type=int, default=None, help="Bits per quantized weight")
     parser.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
@@ -56,9 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--upload-repo",
+        default=None,
+        help="Not supported: upload the folder with mlx_lm.upload (it needs the Hugging Face hub)",
+    )
+
+
+def check_upload(args: argparse.Namespace) -> None:
+    """Refuse mlx_lm convert's --upload-repo, saying how to publish the folder instead."""
+    if args.upload_repo is not None:
+        raise ValueError(
+            "--upload-repo is not supported: convert only writes --mlx-path (try it with "
+            "`lazyllm-mlx generate` first); publish it with `mlx_lm.upload --path "
+            f"{args.mlx_path} --upload-repo {args.upload_repo}`, which needs the Hugging Face hub."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
+    check_upload(args)
     schedule = LazyConfig.parse(args.schedule) if args.schedule is not None else None
 
     def say(message: str) -> None:
@@ -100,6 +122,7 @@ def _convert(
         dtype=args.dtype,
         schedule=schedule,
         overwrite=args.overwrite,
+        dequantize=args.dequantize,
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         quality_check=not args.no_quality_check,

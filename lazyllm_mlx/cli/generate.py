@@ -1,17 +1,17 @@
 """`lazyllm-mlx generate`: mlx-lm's generate flags, plus --schedule, --compare, --json.
 
 mlx-lm's flags that need its own KV cache (--max-kv-size, --kv-bits) work with --schedule off
-(plain mlx-lm) and are refused with the reason otherwise; --draft-model is refused (see
-`check_mlx_lm_options`)."""
+(plain mlx-lm) and are refused with the reason otherwise; --draft-model, --num-draft-tokens and
+--use-default-chat-template are refused (see `check_mlx_lm_options`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
@@ -21,15 +21,23 @@ from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
 from ..loading import load
-from ..prompt_cache import cached_model, check_plain, continue_from_file
+from ..prompt_cache import cached_loading, check_plain, continue_from_file
 from .common import (
+    KV_CACHE_REASON,
+    SPECULATIVE_REASON,
     add_chat_template_arguments,
+    add_default_chat_template_argument,
+    add_kv_cache_arguments,
     add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
+    add_refused_argument,
     add_sampling_arguments,
     add_schedule_argument,
     chat_template_config,
+    check_default_chat_template,
+    kv_cache_flags,
+    kv_cache_options,
     model_label,
     non_negative_int,
     positive_int,
@@ -78,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-cache-file",
         help="Continue a cache saved by `lazyllm-mlx cache-prompt`: the prompt goes on from the "
-        "cached document (model and schedule default to the file's)",
+        "cached document (model, adapter and schedule default to the file's; its --eos-token "
+        "ends the generation)",
     )
     add_mlx_lm_arguments(parser)
 
@@ -92,26 +101,26 @@ def add_mlx_lm_arguments(parser: argparse.ArgumentParser) -> None:
         default=(),
         help="More tokens (text or ids) that end the generation",
     )
-    baseline = " (plain mlx-lm only: --schedule off)"
-    parser.add_argument(
-        "--max-kv-size", type=positive_int, default=None, help="KV cache size cap" + baseline
-    )
-    parser.add_argument(
-        "--kv-bits",
-        type=int,
-        choices=(2, 3, 4, 5, 6, 8),
-        default=None,
-        help="Quantize the KV cache" + baseline,
-    )
-    parser.add_argument("--kv-group-size", type=positive_int, default=64, help="With --kv-bits")
-    parser.add_argument(
-        "--quantized-kv-start",
-        type=non_negative_int,
-        default=DEFAULT_QUANTIZED_KV_START,
-        help="With --kv-bits: quantize from this step on",
-    )
+    add_kv_cache_arguments(parser, " (plain mlx-lm only: --schedule off)")
+    add_default_chat_template_argument(parser)
     parser.add_argument("--draft-model", default=None, help="Not supported (speculative decoding)")
-    parser.add_argument("--num-draft-tokens", type=positive_int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--num-draft-tokens", type=positive_int, default=None, help="Not supported (as above)"
+    )
+    add_refused_argument(
+        parser,
+        "--image",
+        nargs="+",
+        reason="the lazy engine prunes the tokens of text models only; run mlx_lm.generate --image",
+    )
+    add_refused_argument(
+        parser,
+        "--quantize-activations",
+        "-qa",
+        nargs=0,
+        reason="activation quantization (nvfp4, mxfp8 models) is not checked against the lazy "
+        "engine; run mlx_lm.generate -qa",
+    )
 
 
 def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,36 +131,23 @@ def check_mlx_lm_options(args: argparse.Namespace) -> dict[str, Any]:
             "--prefill-response continues the assistant's turn of the chat template: it cannot be "
             "used with --ignore-chat-template or --prompt-cache-file."
         )
-    if args.draft_model is not None:
+    check_default_chat_template(args, "the model's own template is used when it has one")
+    if args.draft_model is not None or args.num_draft_tokens is not None:
+        flag = "--draft-model" if args.draft_model is not None else "--num-draft-tokens"
         raise ValueError(
-            "--draft-model is not supported: speculative decoding verifies several drafted "
-            "tokens in one forward pass, while the lazy engine decodes one token at a time with "
-            "revival; for plain mlx-lm, run mlx_lm.generate --draft-model."
+            f"{flag} is not supported: {SPECULATIVE_REASON}; for plain mlx-lm, run "
+            "mlx_lm.generate --draft-model."
         )
-    options = {}
-    if args.max_kv_size is not None:
-        options["max_kv_size"] = args.max_kv_size
-    if args.kv_bits is not None:
-        options.update(
-            kv_bits=args.kv_bits,
-            kv_group_size=args.kv_group_size,
-            quantized_kv_start=args.quantized_kv_start,
-        )
+    options = kv_cache_options(args)
     if not options:
         return options
-    flags = " and ".join(f"--{k.replace('_', '-')}" for k in ("max_kv_size", "kv_bits")
-                         if k in options)  # fmt: skip
-    why = (
-        "the lazy engine keeps the KV of every token it computed in the model's dtype (a "
-        "pruned token may be revived at any later step), so it can neither drop the oldest "
-        "tokens nor quantize them"
-    )
+    flags = kv_cache_flags(options)
     if args.compare:
-        raise ValueError(f"{flags} cannot be used with --compare: {why}.")
+        raise ValueError(f"{flags} cannot be used with --compare: {KV_CACHE_REASON}.")
     if args.prompt_cache_file:
-        raise ValueError(f"{flags} cannot be used with --prompt-cache-file: {why}.")
+        raise ValueError(f"{flags} cannot be used with --prompt-cache-file: {KV_CACHE_REASON}.")
     if args.schedule != "off":
-        raise ValueError(f"{flags} need --schedule off (plain mlx-lm): {why}.")
+        raise ValueError(f"{flags} need --schedule off (plain mlx-lm): {KV_CACHE_REASON}.")
     return options
 
 
@@ -291,12 +287,18 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
             tokenizer_config={"trust_remote_code": True} if trust else None,
         )
     warn_if_quantized_on_cpu(model)
-    for token in getattr(args, "extra_eos_token", ()):
+    add_eos_tokens(tokenizer, getattr(args, "extra_eos_token", ()), "--extra-eos-token")
+    return model, tokenizer
+
+
+def add_eos_tokens(tokenizer: Any, tokens: Sequence[str], flag: str) -> None:
+    """More tokens (text or ids) that end a generation; ValueError naming `flag` for one the
+    tokenizer does not know."""
+    for token in tokens:
         try:
             tokenizer.add_eos_token(token)
         except ValueError as error:
-            raise ValueError(f"--extra-eos-token: {error}") from None
-    return model, tokenizer
+            raise ValueError(f"{flag}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,7 +310,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--compare runs from scratch; it cannot use --prompt-cache-file.")
         plain = args.schedule == "off"
         check_plain(args.prompt_cache_file, plain)  # before a model is loaded for nothing
-        model, tokenizer = load_model(args, args.model or cached_model(args.prompt_cache_file))
+        saved = cached_loading(args.prompt_cache_file)
+        args.adapter_path = args.adapter_path or saved.adapter_path
+        model, tokenizer = load_model(args, args.model or saved.model)
+        add_eos_tokens(tokenizer, saved.eos_tokens, f"{args.prompt_cache_file}'s --eos-token")
         lazy, tokens, cache = continue_from_file(
             args.prompt_cache_file,
             model,

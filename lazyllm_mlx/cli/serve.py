@@ -12,12 +12,17 @@ from ..families import family_of
 from ..generate import resolve_schedule
 from ..server import GenerationService, make_server
 from .common import (
+    KV_CACHE_REASON,
+    SPECULATIVE_REASON,
     DefaultsHelpFormatter,
+    add_default_chat_template_argument,
     add_loading_arguments,
     add_model_argument,
     add_prefill_step_size_argument,
+    add_refused_argument,
     add_schedule_argument,
     byte_size,
+    check_default_chat_template,
     non_negative_float,
     non_negative_int,
     port_number,
@@ -93,11 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="Do not log each request")
     add_loading_arguments(parser)
     parser.add_argument("--chat-template", help="A chat template (Jinja) in place of the model's")
-    parser.add_argument(
-        "--use-default-chat-template",
-        action="store_true",
-        help="Not supported: transformers ships no default templates; use --chat-template",
-    )
+    add_default_chat_template_argument(parser)
+    add_mlx_lm_refusals(parser)
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -106,12 +108,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mlx_lm_refusals(parser: argparse.ArgumentParser) -> None:
+    """mlx_lm.server's flags that this server refuses, each with its reason."""
+    draft = f"{SPECULATIVE_REASON}; run mlx_lm.server --draft-model"
+    add_refused_argument(parser, "--draft-model", reason=draft)
+    add_refused_argument(parser, "--num-draft-tokens", reason=draft)
+    kv = f"{KV_CACHE_REASON}; run mlx_lm.server --kv-bits"
+    for flag in ("--kv-bits", "--kv-group-size", "--quantized-kv-start"):
+        add_refused_argument(parser, flag, reason=kv)
+    batch = "the lazy engine runs one sequence at a time, so requests are served in turn"
+    add_refused_argument(parser, "--decode-concurrency", reason=batch)
+    add_refused_argument(parser, "--prompt-concurrency", reason=batch)
+    add_refused_argument(
+        parser, "--pipeline", nargs=0, reason="the server runs on one machine, not distributed"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.use_default_chat_template:
-        raise ValueError(
-            "--use-default-chat-template is not supported: transformers no longer ships default "
-            "chat templates; give one with --chat-template."
-        )
+    check_default_chat_template(args, "give one with --chat-template")
     logging.basicConfig(level=getattr(logging, args.log_level))
     try:  # the port first: a busy one is found before a model is loaded
         server = make_server(None, args.host, args.port, args.quiet, args.allowed_origins)

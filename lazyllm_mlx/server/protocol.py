@@ -55,7 +55,11 @@ class CompletionRequest:
     repetition_penalty: float | None = None
     repetition_context_size: int = 20  # mlx-lm's default
     presence_penalty: float | None = None
+    presence_context_size: int = 20
     frequency_penalty: float | None = None
+    frequency_context_size: int = 20
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1  # mlx-lm server's default
     logit_bias: dict[int, float] | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives reported per token (with logprobs)
@@ -139,6 +143,12 @@ def parse_request(kind: str, raw: bytes) -> CompletionRequest:
     request.repetition_context_size = 20 if context is None else context
     request.presence_penalty = _number(body, "presence_penalty", -2.0, 2.0)
     request.frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0)
+    for name in ("presence_context_size", "frequency_context_size"):
+        if (size := _integer(body, name, 1, None)) is not None:
+            setattr(request, name, size)
+    for name in ("xtc_probability", "xtc_threshold"):
+        if (value := _number(body, name, 0.0, 1.0)) is not None:
+            setattr(request, name, value)
     request.logit_bias = _logit_bias(body.get("logit_bias"))
     for name in UNSUPPORTED:
         if body.get(name) is not None:
@@ -170,6 +180,11 @@ UNSUPPORTED = {
     "functions": "this server does not parse function calls",
     "function_call": "this server does not parse function calls",
     "response_format": "this server does not constrain the output's format",
+    # mlx_lm.server's own fields
+    "draft_model": "speculative decoding does not fit the lazy engine's one-token decoding",
+    "num_draft_tokens": "speculative decoding does not fit the lazy engine's one-token decoding",
+    "adapters": "this server serves one model; start it with --adapter-path",
+    "role_mapping": "this server formats chats with the model's chat template only",
 }
 
 

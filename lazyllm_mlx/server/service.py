@@ -210,11 +210,17 @@ class GenerationService:
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
+        xtc_special = []  # what XTC never cuts, as mlx_lm.server's: a newline, the end tokens
+        if request.xtc_probability > 0:
+            xtc_special = self.tokenizer.encode("\n") + list(self.tokenizer.eos_token_ids)
         sampler = make_sampler(
             pick(request.temperature, self.temperature),
             top_p=pick(request.top_p, self.top_p),
             min_p=pick(request.min_p, self.min_p),
             top_k=pick(request.top_k, self.top_k),
+            xtc_probability=request.xtc_probability,
+            xtc_threshold=request.xtc_threshold,
+            xtc_special_tokens=xtc_special,
         )
         vocab = getattr(getattr(self.model, "args", None), "vocab_size", None)
         if request.logit_bias and vocab is not None and max(request.logit_bias) >= vocab:
@@ -227,7 +233,9 @@ class GenerationService:
             repetition_penalty=request.repetition_penalty,
             repetition_context_size=request.repetition_context_size,
             presence_penalty=request.presence_penalty,
+            presence_context_size=request.presence_context_size,
             frequency_penalty=request.frequency_penalty,
+            frequency_context_size=request.frequency_context_size,
         )
         return dict(sampler=sampler, logits_processors=processors or None)
 
