@@ -202,25 +202,23 @@ def run_once(
     )
     if echo:
         print()
-    last, stats = run.last, run.last.lazy
+    record = run.record()
     return dict(
         schedule=lazy.to_string() if lazy is not None else "baseline",
         preset=lazy.name if lazy is not None else None,
         source=lazy.source if lazy is not None else None,
         text=run.text,
         tokens=run.generated_tokens,  # the EOS token is reported, not generated text
-        ttft=last.ttft,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        generation_tps=last.generation_tps,
-        peak_memory_gb=last.peak_memory,
-        finish_reason=last.finish_reason,
-        total_time=run.total_time,
-        prefill_fraction=stats.prefill_fraction if stats else None,
-        revived=stats.revived if stats else None,
-        aux_bytes=stats.aux_bytes if stats else None,
-        prefill_tokens_per_layer=stats.prefill_tokens_per_layer if stats else None,
+        **{name: record[name] for name in _RECORDED},
     )
+
+
+# What `generate --compare` reports of each run, in this order.
+_RECORDED = (
+    "ttft", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory_gb",
+    "finish_reason", "total_time", "prefill_fraction", "revived", "aux_bytes",
+    "prefill_tokens_per_layer",
+)  # fmt: skip
 
 
 def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
