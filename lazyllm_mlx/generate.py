@@ -62,6 +62,11 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
         raise ValueError(
             "make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None."
         )
+    return _new_cache(model, config)
+
+
+def _new_cache(model: nn.Module, config: LazyConfig) -> LazyCache:
+    """An empty cache for a schedule already resolved for `model` (for_model)."""
     family = family_of(model)
     return LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
 
@@ -140,11 +145,24 @@ def generate_step(
     model at a time: another thread's waits until this one is exhausted or closed (MLX evaluates
     on one stream; two at once crashed).
     """
+    yield from _locked_steps(
+        prompt, model, for_model(lazy, model), max_tokens=max_tokens, sampler=sampler,
+        logits_processors=logits_processors, prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size, prompt_progress_callback=prompt_progress_callback,
+        stats=stats, **baseline_kwargs,
+    )  # fmt: skip
+
+
+def _locked_steps(
+    prompt: mx.array, model: nn.Module, config: LazyConfig | None, **options: Any
+) -> Generator[tuple[int, mx.array], None, None]:
+    """generate_step for a schedule already resolved for `model` (for_model), under its lock."""
     with model_lock(model):
-        yield from _generate_steps(
-            prompt, model, lazy, max_tokens, sampler, logits_processors, prompt_cache,
-            prefill_step_size, prompt_progress_callback, stats, baseline_kwargs,
-        )  # fmt: skip
+        if config is None:
+            options.pop("stats", None)
+            yield from mlx_generate_step(prompt, model, **options)
+        else:
+            yield from _lazy_steps(prompt, model, config, **options)
 
 
 _LOCKS = threading.Lock()
@@ -160,28 +178,25 @@ def model_lock(model: nn.Module) -> threading.RLock:
     return lock
 
 
-def _generate_steps(
-    prompt, model, lazy, max_tokens, sampler, logits_processors, prompt_cache,
-    prefill_step_size, prompt_progress_callback, stats, baseline_kwargs,
-) -> Generator[tuple[int, mx.array], None, None]:  # fmt: skip
-    config = for_model(lazy, model)
-    if config is None:
-        yield from mlx_generate_step(
-            prompt,
-            model,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=logits_processors,
-            prompt_cache=prompt_cache,
-            prefill_step_size=prefill_step_size,
-            prompt_progress_callback=prompt_progress_callback,
-            **baseline_kwargs,
-        )
-        return
+def _lazy_steps(
+    prompt: mx.array,
+    model: nn.Module,
+    config: LazyConfig,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    prompt_cache: LazyCache | None = None,
+    prefill_step_size: int = 2048,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+    stats: LazyStats | None = None,
+    **baseline_kwargs: Any,
+) -> Generator[tuple[int, mx.array], None, None]:
+    """The lazy engine's steps (generate_step's defaults; `config` resolved for `model`)."""
     if baseline_kwargs:
         raise ValueError(f"Options not supported by the lazy engine: {sorted(baseline_kwargs)}")
     family = family_of(model)
-    cache = prompt_cache if prompt_cache is not None else make_lazy_cache(model, config)
+    cache = prompt_cache if prompt_cache is not None else _new_cache(model, config)
     stats = stats if stats is not None else LazyStats(family.num_layers)
     prune = cache.offset + prompt.size >= config.min_prompt_tokens
     sampler = sampler or greedy_sampler
@@ -267,6 +282,7 @@ def stream_generate(
     max_tokens: int = 256,
     *,
     lazy: LazyConfig | str | dict | None = None,
+    prompt_cache: Any = None,
     should_stop: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> Iterator[GenerationResponse]:
@@ -275,7 +291,7 @@ def stream_generate(
     should_stop: called after every token; True ends the stream with finish_reason "cancelled".
     Closing the generator also stops it. Either way the prompt cache stays consistent: it holds
     the prompt and every generated token that was yielded (its `offset` says how many tokens).
-    Other keyword arguments go to `generate_step` (sampler, logits_processors, prompt_cache,
+    Other keyword arguments go to `generate_step` (sampler, logits_processors,
     prefill_step_size, prompt_progress_callback).
     """
     if max_tokens == 0:
@@ -284,20 +300,22 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     config = for_model(lazy, model)
     tokens = _as_tokens(tokenizer, prompt)
-    check_request(model, tokens, config, kwargs.get("prompt_cache"))
+    check_request(model, tokens, config, prompt_cache)
     stats = None
     if config is not None:
-        stats = kwargs["stats"] = LazyStats(len(model.layers))
-        if kwargs.get("prompt_cache") is None:
-            kwargs["prompt_cache"] = make_lazy_cache(model, config)
-    return _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kwargs)
+        stats = LazyStats(len(model.layers))
+        if prompt_cache is None:
+            prompt_cache = _new_cache(model, config)
+    steps = _locked_steps(
+        tokens, model, config, max_tokens=max_tokens, prompt_cache=prompt_cache, stats=stats,
+        **kwargs,
+    )  # fmt: skip
+    return _stream(model, tokenizer, tokens, max_tokens, steps, prompt_cache, stats, should_stop)
 
 
-def _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kwargs):
+def _stream(model, tokenizer, tokens, max_tokens, steps, cache, stats, should_stop):
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    steps = generate_step(tokens, model, lazy=config, max_tokens=max_tokens, **kwargs)
-    cache = kwargs.get("prompt_cache")
 
     def response(token, logprobs, n, finish_reason=None):
         if stats is not None and finish_reason is not None:  # lazy: the cache is a LazyCache
