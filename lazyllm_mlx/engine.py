@@ -28,11 +28,6 @@ from .rope import Recorder
 from .stage_attention import LayerView, observe_queries, position_mask, score_keys
 from .stats import LazyStats
 
-# Decoding: each layer's output goes to the device as soon as its graph is built, so the host
-# builds the next layer while the device computes it. Revival's host sync at every boundary stops
-# mlx-lm's one-step-ahead pipelining; this keeps host and device overlapped within a step.
-_EVAL_EACH_LAYER = True
-
 
 def _run_stage(
     family: Family,
@@ -101,7 +96,11 @@ def _run_stage(
             rope = family.ropes[layer_index]
             rope.recorder = Recorder() if observing and at_scorer else None
             x = family.layers[layer_index](x, masks[window, begin], cache=view)
-            if _EVAL_EACH_LAYER and on_chunk is None:
+            if on_chunk is None:
+                # Decoding: each layer's output goes to the device as soon as its graph is
+                # built, so the host builds the next layer while the device computes it.
+                # Revival's host sync at every boundary stops mlx-lm's one-step-ahead
+                # pipelining; this keeps host and device overlapped within a step.
                 mx.async_eval(x)
             if rope.recorder is not None:
                 tail = c1 - max(c0, observed_from)
