@@ -21,12 +21,13 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from .boundary import Attend, InFlight, StageResult, prune_fresh, select_and_revive
-from .cache import LazyCache, _grow_rows
+from .cache import LazyCache
 from .families import Family
 from .pruning import scoring_layer
 from .rope import Recorder
 from .stage_attention import LayerView, observe_queries, position_mask, score_keys
 from .stats import LazyStats
+from .stores import grow_rows
 
 
 def _run_stage(
@@ -227,7 +228,7 @@ def _held_selection(cache: LazyCache, k: int, flight: InFlight) -> Attend:
     if attend.selected is None:  # the stage stores exactly the selection
         return attend
     if attend.is_selected.shape[0] < cache.position_capacity:
-        attend.is_selected = _grow_rows(attend.is_selected, cache.position_capacity, 0, False)
+        attend.is_selected = grow_rows(attend.is_selected, cache.position_capacity, 0, False)
     attend.is_selected[flight.positions] = True
     attend.count += flight.count
     attend.gather = False  # a decode step's few queries attend through a mask

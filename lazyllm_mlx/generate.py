@@ -68,7 +68,7 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
 def _new_cache(model: nn.Module, config: LazyConfig) -> LazyCache:
     """An empty cache for a schedule already resolved for `model` (for_model)."""
     family = family_of(model)
-    return LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
+    return LazyCache.create(config, config.resolve(family.num_layers), family.windows)
 
 
 def default_schedule(model: nn.Module) -> LazyConfig:

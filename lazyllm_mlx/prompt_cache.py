@@ -25,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import LazyCache, ObservedQueries, StageStore
+from .cache import LazyCache
 from .config import LazyConfig
 from .families import family_of
 from .fingerprint import model_fingerprint
@@ -65,31 +65,10 @@ def save_lazy_cache(
     bad = [k for k, v in metadata.items() if "." in k or k == "lazyllm" or not isinstance(v, str)]
     if bad:
         raise ValueError(f"Metadata keys {bad}: keys must be dot-free, not 'lazyllm'; values str.")
-    arrays: dict[str, mx.array] = {}
-    for k, store in enumerate(cache.stages):
-        arrays[f"stage{k}.positions"] = store.positions[: store.size]
-        for j, (keys, values) in enumerate(zip(store.keys, store.values)):
-            if keys is not None:
-                arrays[f"stage{k}.layer{j}.keys"] = keys[..., : store.held(j), :]
-                arrays[f"stage{k}.layer{j}.values"] = values[..., : store.held(j), :]
-    for k, aux in enumerate(cache.aux):
-        if aux is not None and aux.hidden is not None:
-            arrays[f"aux{k}.positions"] = aux.positions[: aux.size]
-            arrays[f"aux{k}.hidden"] = aux.hidden[: aux.size]
-    for k, window in enumerate(cache.observed):
-        if window is not None and window.queries is not None:
-            arrays[f"observed{k}.positions"] = window.positions
-            arrays[f"observed{k}.queries"] = window.queries
+    arrays = cache.contents()
     arrays = {name: mx.contiguous(a) for name, a in arrays.items()}
     mx.eval(arrays)
-    header = dict(
-        format=FORMAT,
-        model=model_fingerprint(model),
-        config=cache.config.to_dict(),
-        offset=cache.offset,
-        sorted=[store.sorted for store in cache.stages],
-        bases=[store.base for store in cache.stages],
-    )
+    header = dict(format=FORMAT, model=model_fingerprint(model), **cache.meta_state)
     header["checksum"] = contents_checksum(arrays, header)
     layout = {f"0.{k}": v for k, v in metadata.items()}
     layout.update({_HEADER: json.dumps(header), "1.0": MLX_LM_MARK, "2.0": ""})
@@ -177,20 +156,8 @@ def load_lazy_cache(
         raise ValueError(
             f"{path} was built with schedule {config.to_string()!r}, not {lazy.to_string()!r}."
         )
-    family = family_of(model)
-    cache = LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
-    cache.reserve_positions(header["offset"])
-    cache.offset = header["offset"]
     try:
-        for k, store in enumerate(cache.stages):
-            bases = header["bases"][k] if "bases" in header else [0] * len(store.layers)
-            _restore_stage(store, k, arrays, header["sorted"][k], bases)
-        for k, aux in enumerate(cache.aux):
-            if aux is not None and f"aux{k}.hidden" in arrays:
-                aux.append(arrays[f"aux{k}.positions"], arrays[f"aux{k}.hidden"])
-        for k, window in enumerate(cache.observed):
-            if window is not None and f"observed{k}.queries" in arrays:
-                _restore_window(window, k, arrays, cache.offset)
+        cache = LazyCache.from_state(arrays, header, family_of(model).windows)
     except (KeyError, ValueError, IndexError) as error:
         raise ValueError(f"{path}: corrupt prompt cache ({error})") from None
     mx.eval(cache.state)
@@ -212,40 +179,6 @@ def _from_mlx_lm(
         )
     caches, metadata = read_mlx_lm_cache(path, model)
     return as_lazy_cache(caches, model), metadata
-
-
-def _restore_window(
-    window: ObservedQueries, k: int, arrays: dict[str, mx.array], offset: int
-) -> None:
-    positions, queries = arrays[f"observed{k}.positions"], arrays[f"observed{k}.queries"]
-    held = positions.shape[0]
-    if queries.ndim != 4 or queries.shape[2] != held or held > window.width:
-        raise ValueError(f"observation window {k} holds {held} positions for {queries.shape}")
-    if held and not (0 <= positions.min().item() and positions.max().item() < offset):
-        raise ValueError(f"observation window {k} holds positions outside 0..{offset - 1}")
-    window.extend(positions.astype(mx.int32), queries)
-
-
-def _restore_stage(
-    store: StageStore, k: int, arrays: dict[str, mx.array], in_order: bool, bases: list[int]
-) -> None:
-    positions = arrays[f"stage{k}.positions"]
-    count = positions.shape[0]
-    contiguous = bool(mx.array_equal(positions, mx.arange(count, dtype=positions.dtype)))
-    start = store.append(positions, count, in_order, 0 if contiguous else None)
-    if any(bases) and (not contiguous or len(bases) != len(store.layers)):
-        raise ValueError(f"stage {k}: window offsets {bases} do not fit the stored tokens")
-    for j in range(len(store.layers)):
-        keys = arrays.get(f"stage{k}.layer{j}.keys")
-        if keys is None:
-            if count:
-                raise KeyError(f"stage{k}.layer{j}.keys")
-            continue
-        if keys.shape[2] != count - bases[j]:
-            raise ValueError(f"stage {k} layer {j} holds {keys.shape[2]} keys for {count} tokens")
-        if bases[j] and store.keep_last[j] is None:
-            raise ValueError(f"stage {k} layer {j} is not a window layer but lacks early keys")
-        store.write(j, start + bases[j], keys, arrays[f"stage{k}.layer{j}.values"])
 
 
 def _messages(system_prompt: str | None, content: str) -> list[dict[str, str]]:

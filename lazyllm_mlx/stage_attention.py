@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .cache import LazyCache, ObservedQueries, StageStore
+from .cache import LazyCache
 from .families import Family
 from .kept_weights import KeptWeights
 from .pruning import combine_heads, pool_by_position, window_probabilities
 from .rope import Recorder
+from .stores import ObservedQueries, StageStore
 
 
 class LayerView:
