@@ -31,10 +31,6 @@ class LazyCache:
     observed: list[ObservedQueries | None] = field(default_factory=list)  # ranks for boundary k
     offset: int = 0  # tokens processed so far = the next token's position
     position_capacity: int = 0
-    # Each boundary's last selection (boundary.Attend; index k - 1 for boundary k) and the decode
-    # steps since it was made, for config.reselect_every (transient: not saved, reset by trim).
-    held_selections: list = field(default_factory=list, repr=False)
-    steps_without_selection: int = 0
 
     @classmethod
     def create(
@@ -72,7 +68,6 @@ class LazyCache:
         num_tokens = max(0, min(num_tokens, self.offset))
         if not all(store.can_keep_before(self.offset - num_tokens) for store in self.stages):
             return 0  # window layers dropped keys the next token would need (mlx-lm: same)
-        self.held_selections = []
         if num_tokens:
             self.offset -= num_tokens
             for store in self.stages:

@@ -17,17 +17,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
 from .calibration import resolve_preset
 from .config import LazyConfig, as_config
-from .engine import LazyStats, decode_step_keeps_selection, lazy_forward
-from .families import family_of
-
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+from .lazy_steps import LogitsProcessor, Sampler, lazy_generate_step, new_cache
+from .runner import runner_for
+from .stats import LazyStats
 
 
 @dataclass
@@ -67,8 +64,7 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
 
 def _new_cache(model: nn.Module, config: LazyConfig) -> LazyCache:
     """An empty cache for a schedule already resolved for `model` (for_model)."""
-    family = family_of(model)
-    return LazyCache.create(config, config.resolve(family.num_layers), family.windows)
+    return new_cache(runner_for(model, config), config)
 
 
 def default_schedule(model: nn.Module) -> LazyConfig:
@@ -119,9 +115,8 @@ def check_request(
         )
     if config is None:
         return
-    family = family_of(model)  # raises for architectures the engine cannot prune
-    config.resolve(family.num_layers)  # raises for schedules that do not fit this model
-    if cache is not None and cache.schedule != config.resolve(family.num_layers):
+    runner = runner_for(model, config)  # raises for an architecture or schedule that cannot run
+    if cache is not None and cache.schedule != runner.schedule:
         raise ValueError("prompt_cache was built with a different schedule than `lazy`.")
 
 
@@ -162,7 +157,7 @@ def _locked_steps(
             options.pop("stats", None)
             yield from mlx_generate_step(prompt, model, **options)
         else:
-            yield from _lazy_steps(prompt, model, config, **options)
+            yield from lazy_generate_step(prompt, model, config, **options)
 
 
 _LOCKS = threading.Lock()
@@ -176,89 +171,6 @@ def model_lock(model: nn.Module) -> threading.RLock:
             lock = threading.RLock()
             object.__setattr__(model, "_lazyllm_lock", lock)  # not a parameter or child
     return lock
-
-
-def _lazy_steps(
-    prompt: mx.array,
-    model: nn.Module,
-    config: LazyConfig,
-    *,
-    max_tokens: int = 256,
-    sampler: Sampler | None = None,
-    logits_processors: list[LogitsProcessor] | None = None,
-    prompt_cache: LazyCache | None = None,
-    prefill_step_size: int = 2048,
-    prompt_progress_callback: Callable[[int, int], None] | None = None,
-    stats: LazyStats | None = None,
-    **baseline_kwargs: Any,
-) -> Generator[tuple[int, mx.array], None, None]:
-    """The lazy engine's steps (generate_step's defaults; `config` resolved for `model`)."""
-    if baseline_kwargs:
-        raise ValueError(f"Options not supported by the lazy engine: {sorted(baseline_kwargs)}")
-    family = family_of(model)
-    cache = prompt_cache if prompt_cache is not None else _new_cache(model, config)
-    stats = stats if stats is not None else LazyStats(family.num_layers)
-    prune = cache.offset + prompt.size >= config.min_prompt_tokens
-    sampler = sampler or greedy_sampler
-    progress = prompt_progress_callback or (lambda *_: None)
-    seen: mx.array | None = None
-
-    def _step(tokens: mx.array, decoding: bool) -> tuple[mx.array, mx.array]:
-        nonlocal seen
-        with mx.stream(generation_stream):
-            logits = lazy_forward(
-                family,
-                cache,
-                tokens,
-                stats,
-                prune=prune and (config.revive or not decoding),
-                decoding=decoding,
-                step_size=prefill_step_size,
-                progress=None if decoding else progress,
-            )
-            if logits_processors:
-                seen = tokens if seen is None else mx.concatenate([seen, tokens])
-                for processor in logits_processors:
-                    logits = processor(seen, logits)
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            return sampler(logprobs), logprobs.squeeze(0)
-
-    total = prompt.size
-    progress(0, total)
-    y, logprobs = _step(prompt, decoding=False)
-    mx.async_eval(y, logprobs)
-    # A decode step that selects waits on the host at every boundary, so computing it before
-    # handing out the current token (mlx-lm's one-step-ahead order) would only delay the token,
-    # the first one included. Such a step is fed after the token is handed out; the others
-    # (no revival, or a step that keeps its selections: every=N) are computed ahead, as mlx-lm's.
-    selects = prune and config.revive and bool(cache.schedule.boundaries)
-    unfed = None
-    n = 0
-    try:
-        while True:
-            ahead = n != max_tokens and (not selects or decode_step_keeps_selection(cache))
-            if ahead:
-                next_y, next_logprobs = _step(y, decoding=True)
-                mx.async_eval(next_y, next_logprobs)
-            if n == 0:
-                mx.eval(y)
-                progress(total, total)
-            if n == max_tokens:
-                break
-            unfed = None if ahead else y
-            yield y.item(), logprobs
-            if not ahead:
-                unfed = None
-                next_y, next_logprobs = _step(y, decoding=True)
-                mx.async_eval(next_y, next_logprobs)
-            if n % 256 == 0:
-                mx.clear_cache()
-            y, logprobs = next_y, next_logprobs
-            n += 1
-    except GeneratorExit:
-        if unfed is not None:  # closed right after a token: the cache still takes it, as mlx-lm's
-            mx.eval(_step(unfed, decoding=True))
-        raise
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

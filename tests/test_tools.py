@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-from lazyllm_mlx import LazyConfig
+from lazyllm_mlx import LazyConfig, instrument
 from lazyllm_mlx.config import as_config
 
 import mlx.core as mx
@@ -51,7 +51,7 @@ def test_stage_breakdown_counts_the_tokens_each_stage_computes():
     assert rows[0]["tokens"] == 1 and rows[0]["selection_ms"] == 0.0
     assert rows[1]["tokens"] >= 1 and rows[1]["selection_ms"] > 0
     assert all(r["stage_ms"] > 0 for r in rows)
-    assert profile.engine._run_stage.__name__ == "_run_stage"  # restored
+    assert not isinstance(instrument.active(), profile.StageTimes)  # restored
     rows = profile.stage_breakdown(model, prompt, as_config("0.5:0.5;min=0;norevive"), 8)
     assert [r["tokens"] for r in rows] == [1, 1] and rows[1]["selection_ms"] == 0.0
 
@@ -198,7 +198,7 @@ def test_step_ahead_comparison_runs_both_orders_and_restores_the_rule():
     second = ahead.timed_run(model, prompt, lazy, 20, ahead=False)
     assert first["tokens"] == second["tokens"] and len(first["tokens"]) == 20
     assert first["decode_tps_16"] > 0 and second["median_step_ms"] > 0
-    assert ahead.generation.decode_step_keeps_selection is ahead._KEEPS_SELECTION
+    assert ahead.RequestSteps.ahead is ahead._AHEAD
 
 
 def test_compare_methods_pairs_two_methods_of_one_report():

@@ -13,24 +13,27 @@ time between tokens.
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
 from lazyllm_mlx import generate_step, load
 from lazyllm_mlx.evals.sources import real_text_tokens
+from lazyllm_mlx.lazy_steps import RequestSteps
 from lazyllm_mlx.output_files import write_json
 
 import mlx.core as mx
 
-# lazyllm_mlx.generate is the module; the package's `generate` is a function
-generation = importlib.import_module("lazyllm_mlx.generate")
-_KEEPS_SELECTION = generation.decode_step_keeps_selection
+_AHEAD = RequestSteps.ahead
+
+
+def _after_each_token(steps) -> bool:
+    """Every selecting step after its token is handed out (steps that keep their selection too)."""
+    return not steps.selections.selecting
 
 
 def timed_run(model, prompt: mx.array, lazy, max_tokens: int, ahead: bool) -> dict:
-    generation.decode_step_keeps_selection = _KEEPS_SELECTION if ahead else (lambda cache: False)
+    RequestSteps.ahead = _AHEAD if ahead else _after_each_token
     try:
         start = time.perf_counter()
         stamps, tokens = [], []
@@ -38,7 +41,7 @@ def timed_run(model, prompt: mx.array, lazy, max_tokens: int, ahead: bool) -> di
             stamps.append(time.perf_counter())
             tokens.append(token)
     finally:
-        generation.decode_step_keeps_selection = _KEEPS_SELECTION
+        RequestSteps.ahead = _AHEAD
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     first = min(16, len(stamps)) - 1
     return {

@@ -19,10 +19,10 @@ import time
 from dataclasses import replace
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
-import lazyllm_mlx.engine as engine
 from lazyllm_mlx import LazyStats, generate_step, load
 from lazyllm_mlx.evals.sources import real_text_tokens
 from lazyllm_mlx.generate import for_model
+from lazyllm_mlx.instrument import Instrument, instrumented
 from lazyllm_mlx.output_files import write_json
 
 import mlx.core as mx
@@ -119,38 +119,41 @@ def attention_row_costs(
     return costs
 
 
+class StageTimes(Instrument):
+    """Per engine call, per stage: (layers, tokens computed, seconds, seconds of the selection
+    before it). Each part is evaluated before the next starts."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[range, int, float, float]]] = []
+        self.selection = 0.0
+
+    def boundary(self, k, ranked, run):
+        mx.eval(ranked.hidden, *([ranked.scores] if ranked.scores is not None else []))
+        start = time.perf_counter()  # the previous stage's work is not the selection's
+        out = run()
+        mx.eval(out[0].hidden)
+        self.selection = time.perf_counter() - start
+        return out
+
+    def stage(self, plan, flight, run):
+        start = time.perf_counter()
+        out = run()
+        mx.eval(*(x for x in (out.hidden, out.scores) if x is not None))
+        if plan.k == 0:
+            self.calls.append([])
+        seconds = time.perf_counter() - start
+        self.calls[-1].append((plan.store.layers, flight.count, seconds, self.selection))
+        self.selection = 0.0
+        return out
+
+
 def stage_breakdown(model, prompt, lazy, max_tokens: int) -> list[dict[str, float]]:
     """Per stage of the decode steps (the first one, the prefill's deferred bulk, left out):
     median tokens computed, ms to compute them, and ms of the selection before the stage. Each
     part is evaluated before the next starts, so the parts add up to more than a real step."""
-    calls: list[list[tuple[range, int, float, float]]] = []  # per engine call, per stage
-    run_stage, select = engine._run_stage, engine.select_and_revive
-    selection = [0.0]
-
-    def timed_select(cache, k, flight, scores, *rest):
-        mx.eval(scores, flight.hidden)  # the previous stage's work is not the selection's
-        start = time.perf_counter()
-        out = select(cache, k, flight, scores, *rest)
-        mx.eval(out[0].hidden)
-        selection[0] = time.perf_counter() - start
-        return out
-
-    def timed_stage(family, cache, k, flight, *args, **kwargs):
-        start = time.perf_counter()
-        out = run_stage(family, cache, k, flight, *args, **kwargs)
-        mx.eval(*(x for x in (out.hidden, out.scores) if x is not None))
-        layers = cache.stages[k].layers
-        if k == 0:
-            calls.append([])
-        calls[-1].append((layers, flight.count, time.perf_counter() - start, selection[0]))
-        selection[0] = 0.0
-        return out
-
-    engine._run_stage, engine.select_and_revive = timed_stage, timed_select
-    try:
+    with instrumented(StageTimes()) as timings:
         timed_steps(model, prompt, lazy, max_tokens)
-    finally:
-        engine._run_stage, engine.select_and_revive = run_stage, select
+    calls = timings.calls
     decode = calls[2:]  # after the prefill and the first decode step
     rows = []
     for k, (layers, *_) in enumerate(decode[0]):
