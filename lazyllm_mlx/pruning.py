@@ -69,7 +69,7 @@ def window_attention(
     return combine_heads(rows.mean(axis=0), heads)
 
 
-def pool_by_position(scores: mx.array, positions: mx.array, kernel: int, capacity: int):
+def pool_by_position(scores: mx.array, positions: mx.array, kernel: int, capacity: int) -> mx.array:
     """Each score averaged over the `kernel` positions centred on its own (absent positions count
     as zero; positions must be < capacity), so a span's tokens rank together."""
     if kernel == 1:

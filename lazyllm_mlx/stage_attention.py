@@ -24,7 +24,14 @@ class LayerView:
     """What an mlx-lm attention sees as `cache` during a lazy call: offsets, KV write and fetch."""
 
     def __init__(
-        self, store: StageStore, layer: int, start: int, offset, keys_at, key_end: int, key_begin=0
+        self,
+        store: StageStore,
+        layer: int,
+        start: int,
+        offset: int | mx.array | Rotations,
+        keys_at: mx.array | None,
+        key_end: int,
+        key_begin: int = 0,
     ):
         self.store, self.layer, self.start = store, layer, start
         # int (contiguous positions) or (L,) positions for the RoPE wrapper, or either inside a
@@ -48,7 +55,14 @@ class LayerView:
         return k, v
 
 
-def position_mask(query_pos, key_pos, window, keys_allowed, causal_suffix: bool, single_last: bool):
+def position_mask(
+    query_pos: mx.array,
+    key_pos: mx.array,
+    window: int | None,
+    keys_allowed: mx.array | None,
+    causal_suffix: bool,
+    single_last: bool,
+) -> mx.array | str | None:
     """Attention mask by original positions; the string/None fast paths where they are exact."""
     if window is None and keys_allowed is None:
         if single_last:

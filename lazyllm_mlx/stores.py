@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-_STEP = 256
+STEP = 256
 # A sliding-window layer of the first stage also keeps this many entries before its window, so a
 # cache can still be trimmed back a little (a server reusing a shared prefix).
 TRIM_SLACK = 256
@@ -22,7 +22,7 @@ TRIM_SLACK = 256
 
 def round_up(n: int) -> int:
     """`n` rounded up to the step buffers grow by (so most appends copy nothing)."""
-    return (n + _STEP - 1) // _STEP * _STEP
+    return (n + STEP - 1) // STEP * STEP
 
 
 def grow_rows(buf: mx.array, rows: int, axis: int, fill: int | float = 0) -> mx.array:
@@ -91,7 +91,7 @@ class StageStore:
         rows = (self.size if keep is None else end) - base
         drop = 0
         if keep is not None and self.keys[layer] is not None and self.keys[layer].shape[2] < rows:
-            drop = max(0, (start - keep - TRIM_SLACK - base) // _STEP * _STEP)
+            drop = max(0, (start - keep - TRIM_SLACK - base) // STEP * STEP)
         for buffers, new in ((self.keys, keys), (self.values, values)):
             buf = buffers[layer]
             if buf is None:

@@ -42,7 +42,7 @@ def test_engine_matches_reference(schedule, revive, variant, monkeypatch):
     """Both ways of attending to the selected tokens (a mask over the store, or gathered keys),
     and the final stage's last token as a chunk of its own whenever there are others."""
     if variant == "gathered":
-        monkeypatch.setattr(boundary, "_MASK_MAX_QUERIES", 0)
+        monkeypatch.setattr(boundary, "MASK_MAX_QUERIES", 0)
     if variant == "split":
         monkeypatch.setattr(stage_plan, "SPLIT_MIN_TOKENS", 1)
     model = tiny_model("llama", num_hidden_layers=10)
@@ -82,7 +82,7 @@ def test_engine_matches_reference_with_the_general_rule(schedule, variant, monke
     """The engine's window scoring, pooling, forced tokens and budgets against the literal rule,
     through a chunked prefill and decode steps with revival."""
     if variant == "gathered":
-        monkeypatch.setattr(boundary, "_MASK_MAX_QUERIES", 0)
+        monkeypatch.setattr(boundary, "MASK_MAX_QUERIES", 0)
     model = tiny_model("llama", num_hidden_layers=10)
     config = LazyConfig.parse(schedule)
     cache = make_lazy_cache(model, config)

@@ -22,7 +22,7 @@ FAMILIES = ["gemma3_text", "llama_sliding"]
 @pytest.fixture(autouse=True)
 def small_slack(monkeypatch):
     monkeypatch.setattr(stores_module, "TRIM_SLACK", SLACK)
-    monkeypatch.setattr(stores_module, "_STEP", STEP)
+    monkeypatch.setattr(stores_module, "STEP", STEP)
 
 
 def run(model, prompt, lazy, cache=None, max_tokens=24, step=32):
