@@ -177,3 +177,10 @@ class LazyCache:
     def tokens_per_layer(self) -> list[int]:
         """How many tokens hold KV at each layer."""
         return [store.size for store in self.stages for _ in store.layers]
+
+
+def per_layer(cache: LazyCache | list[Any]) -> list[Any]:
+    """A prompt cache as mlx-lm's list of per-layer caches: mlx-lm's is one already, a LazyCache
+    (one for all layers) is a list of one. Each entry speaks mlx-lm's cache protocol (offset,
+    is_trimmable, trim, state, nbytes)."""
+    return [cache] if isinstance(cache, LazyCache) else cache

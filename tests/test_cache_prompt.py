@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lazyllm_mlx import load, stream_generate
 from lazyllm_mlx.cli import main
-from lazyllm_mlx.prompt_cache import document_tokens, load_lazy_cache, query_tokens
+from lazyllm_mlx.document_cache import document_tokens, query_tokens
+from lazyllm_mlx.prompt_cache import load_lazy_cache
 
 import pytest
 from mlx_lm.utils import save_config, save_model

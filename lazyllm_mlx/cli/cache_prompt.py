@@ -12,9 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..document_cache import document_tokens, save_document_cache
 from ..generate import check_request, generate_step, make_lazy_cache, resolve_schedule
 from ..loading import load
-from ..prompt_cache import document_tokens, save_document_cache
 from ..stats import LazyStats
 from .common import (
     add_chat_template_arguments,

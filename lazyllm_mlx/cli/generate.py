@@ -16,12 +16,13 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
 from .._platform import warn_if_quantized_on_cpu
+from ..cache import per_layer
 from ..config import LazyConfig
+from ..document_cache import cached_model, check_plain, continue_from_file
 from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
 from ..loading import load
-from ..prompt_cache import cached_model, check_plain, continue_from_file
 from .common import (
     add_chat_template_arguments,
     add_loading_arguments,
@@ -324,8 +325,7 @@ def run(args: argparse.Namespace) -> int:
     echo = args.verbose and not args.json and not args.compare
     report: dict[str, Any] = dict(model=model_label(args.model))
     report["prompt_tokens"] = len(tokens)
-    held = cache[0] if isinstance(cache, list) else cache  # mlx-lm's caches: one per layer
-    report["cached_tokens"] = held.offset if held is not None else 0
+    report["cached_tokens"] = per_layer(cache)[0].offset if cache is not None else 0
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")
