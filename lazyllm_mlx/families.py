@@ -1,7 +1,8 @@
 """The few per-architecture differences the engine needs, and a clear refusal for the rest.
 
 The engine drives mlx-lm's own blocks: `block(h, mask, cache)` for every family below. What differs
-is how tokens are embedded, how logits are produced, and which layers use a sliding window.
+is how tokens are embedded, how logits are produced, and which layers use a sliding window. A
+model's Family is made once and kept with the model (family_of).
 """
 
 from __future__ import annotations

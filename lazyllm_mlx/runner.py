@@ -1,13 +1,14 @@
 """What the engine runs: a model's family with one resolved schedule (`Runner`), and one request's
 selection state between its decode steps (`Selections`).
 
-A Runner is made once per (model, schedule) and never changes; every engine call gets it as an
-argument, with the cache (storage) and the request's stats and selections. Nothing in the engine
-reads its policy from the cache.
+A Runner is made once per (model, schedule), kept with the model, and never changes; every
+engine call gets it as an argument, with the cache (storage) and the request's stats and
+selections. Nothing in the engine reads its policy from the cache.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import mlx.nn as nn
@@ -42,18 +43,26 @@ class Runner:
 
 def runner_for(model: nn.Module, config: LazyConfig) -> Runner:
     """The Runner of `model` with `config` (a schedule already resolved for it, see
-    generate.for_model): made on first use, then kept with the model."""
-    runners = getattr(model, "_lazyllm_runners", None)
-    if runners is None:
-        runners = {}
-        object.__setattr__(model, "_lazyllm_runners", runners)  # not a parameter or child
-    runner = runners.get(config)
-    if runner is None:
-        family = family_of(model)
-        schedule = config.resolve(family.num_layers)  # raises for a schedule that does not fit
-        scorers = tuple(scoring_layer(layers, family.windows) for layers in schedule.stages)
-        runner = runners[config] = Runner(family, config, schedule, scorers)
-    return runner
+    generate.for_model): made on first use, then kept with the model (the last few used)."""
+    with _RUNNERS_LOCK:  # a server checks requests on several threads
+        runners = getattr(model, "_lazyllm_runners", None)
+        if runners is None:
+            runners = {}
+            object.__setattr__(model, "_lazyllm_runners", runners)  # not a parameter or child
+        runner = runners.pop(config, None)
+        if runner is None:
+            family = family_of(model)
+            schedule = config.resolve(family.num_layers)  # raises for one that does not fit
+            scorers = tuple(scoring_layer(layers, family.windows) for layers in schedule.stages)
+            runner = Runner(family, config, schedule, scorers)
+        runners[config] = runner  # the most recent last; a server's clients may name many
+        while len(runners) > _KEPT_RUNNERS:
+            del runners[next(iter(runners))]
+        return runner
+
+
+_KEPT_RUNNERS = 16
+_RUNNERS_LOCK = threading.Lock()
 
 
 @dataclass
