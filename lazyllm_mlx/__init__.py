@@ -10,7 +10,6 @@ from .cache import LazyCache  # noqa: E402
 from .calibrate import CalibrateOptions, calibrate  # noqa: E402
 from .config import LazyConfig  # noqa: E402
 from .convert import convert  # noqa: E402
-from .engine import LazyStats  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResponse,
     default_schedule,
@@ -21,6 +20,7 @@ from .generate import (  # noqa: E402
 )
 from .loading import load  # noqa: E402
 from .prompt_cache import load_lazy_cache, save_lazy_cache  # noqa: E402
+from .stats import LazyStats  # noqa: E402
 
 __all__ = [
     "CalibrateOptions",

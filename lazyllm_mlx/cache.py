@@ -1,275 +1,28 @@
-"""Lazy KV state: one KV store per stage (all layers of a stage hold the same tokens), aux caches.
-
-A token enters a stage at its first layer and runs through all of its layers, so every layer of a
-stage holds KV for the same tokens in the same order: positions and lookup maps live per stage, key
-and value buffers per layer. A token pruned at boundary b keeps its hidden state (the input of layer
-b) in the aux cache of that stage until it is revived. Entries are never recomputed: a token has KV
-at a stage at most once, which is the "each token at most once per layer" invariant.
+"""The lazy cache: one KV store per stage, an aux cache and an observation window per boundary
+(stores.py), and the protocol mlx-lm's caches speak, so it is passed, trimmed, measured, saved
+and loaded as theirs are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from .config import LazyConfig, Schedule
 from .pruning import scoring_layer
-
-_STEP = 256
-# A sliding-window layer of the first stage also keeps this many entries before its window, so a
-# cache can still be trimmed back a little (a server reusing a shared prefix).
-TRIM_SLACK = 256
-
-
-def _round_up(n: int) -> int:
-    return (n + _STEP - 1) // _STEP * _STEP
-
-
-def _grow_rows(buf: mx.array, rows: int, axis: int, fill: int | float = 0) -> mx.array:
-    """`buf` extended along `axis` to at least `rows` entries, new entries set to `fill`."""
-    have = buf.shape[axis]
-    if have >= rows:
-        return buf
-    shape = list(buf.shape)
-    shape[axis] = _round_up(rows) - have
-    return mx.concatenate([buf, mx.full(shape, fill, dtype=buf.dtype)], axis=axis)
-
-
-def _rows_before(positions: mx.array, size: int, position: int):
-    """(kept positions, their rows) of the entries before `position`; rows None if all are kept."""
-    held = np.array(positions[:size])
-    kept = np.nonzero(held < position)[0]
-    if kept.size == size:
-        return held, None
-    return held[kept], mx.array(kept.astype(np.int32))
-
-
-class StageStore:
-    """KV for the layers of one stage, the tokens' positions and a position → entry map.
-
-    A layer with `keep_last[j]` set (a sliding-window layer of a contiguous store, read only
-    through its window) drops the entries no later query can see, as mlx-lm's rotating cache does:
-    its buffers then start at entry `base[j]`.
-    """
-
-    def __init__(self, layers: range, keep_last: list[int | None] | None = None):
-        self.layers = layers
-        self.keys: list[mx.array | None] = [None] * len(layers)
-        self.values: list[mx.array | None] = [None] * len(layers)
-        self.keep_last = keep_last or [None] * len(layers)
-        self.base = [0] * len(layers)  # first entry held in each layer's buffers
-        self.positions = mx.zeros((0,), dtype=mx.int32)
-        self.index_of = mx.zeros((0,), dtype=mx.int32)  # position -> entry, -1 when absent
-        self.size = 0
-        self.sorted = True  # entries are in increasing position order
-        self.contiguous = True  # entry i holds position i (stage 0: every token, in order)
-
-    def append(
-        self, positions: mx.array, count: int, in_order: bool, first_position: int | None = None
-    ) -> int:
-        """Reserve entries for `count` tokens; returns the first entry. KV is written per layer.
-
-        first_position: set when `positions` are first_position, first_position + 1, ...
-        """
-        start = self.size
-        self.contiguous = self.contiguous and first_position == start
-        self.positions = _grow_rows(self.positions, start + count, 0)
-        self.positions[start : start + count] = positions
-        self.index_of[positions] = mx.arange(start, start + count, dtype=mx.int32)
-        self.size += count
-        self.sorted = self.sorted and in_order
-        return start
-
-    def write(self, layer: int, start: int, keys: mx.array, values: mx.array) -> None:
-        """KV of entries start… at `layer` (a windowed layer's first write may start anywhere)."""
-        end = start + keys.shape[2]
-        keep = self.keep_last[layer]
-        if self.keys[layer] is None:
-            self.base[layer] = 0 if keep is None else start
-        base = self.base[layer]
-        # A windowed layer grows only as far as it writes, dropping what is out of reach then.
-        rows = (self.size if keep is None else end) - base
-        drop = 0
-        if keep is not None and self.keys[layer] is not None and self.keys[layer].shape[2] < rows:
-            drop = max(0, (start - keep - TRIM_SLACK - base) // _STEP * _STEP)
-        for buffers, new in ((self.keys, keys), (self.values, values)):
-            buf = buffers[layer]
-            if buf is None:
-                buf = mx.zeros((*new.shape[:2], _round_up(rows), new.shape[3]), dtype=new.dtype)
-            if drop:  # only when growing: the concatenation below copies what is still needed
-                buf = buf[..., drop:, :]
-            buf = _grow_rows(buf, rows - drop, axis=2)
-            buf[..., start - base - drop : end - base - drop, :] = new
-            buffers[layer] = buf
-        self.base[layer] = base + drop
-
-    def held(self, layer: int) -> int:
-        """Entries in the layer's buffers (from base[layer] on)."""
-        return self.size - self.base[layer]
-
-    def grow_positions(self, capacity: int) -> None:
-        self.index_of = _grow_rows(self.index_of, capacity, 0, fill=-1)
-
-    def can_keep_before(self, position: int) -> bool:
-        """Whether the windowed layers still hold what a query at `position` would read."""
-        return all(
-            base == 0 or base <= position - keep + 1
-            for base, keep in zip(self.base, self.keep_last)
-            if keep is not None
-        )
-
-    def keep_before(self, position: int) -> None:
-        """Forget the tokens at `position` and after (host work: not for the hot path)."""
-        if self.contiguous:
-            if position < self.size:
-                for buffers in (self.keys, self.values):
-                    for j, buf in enumerate(buffers):
-                        if buf is not None:
-                            buffers[j] = buf[..., : max(0, position - self.base[j]), :]
-                self.positions = self.positions[:position]
-                held = mx.arange(self.index_of.shape[0]) < position
-                self.index_of = mx.where(held, self.index_of, -1)
-                self.size = position
-            return
-        held, rows = _rows_before(self.positions, self.size, position)
-        if rows is None:
-            return
-        for buffers in (self.keys, self.values):
-            for j, buf in enumerate(buffers):
-                if buf is not None:
-                    buffers[j] = mx.take(buf[..., : self.size, :], rows, axis=2)
-        self.positions = self.positions[rows]
-        self.size = rows.size
-        self.index_of = mx.full(self.index_of.shape, -1, dtype=mx.int32)
-        self.index_of[self.positions] = mx.arange(self.size, dtype=mx.int32)
-        self.sorted = bool(np.all(np.diff(held) > 0))
-
-    def nbytes(self) -> int:
-        pairs = [(j, a) for buffers in (self.keys, self.values) for j, a in enumerate(buffers)]
-        return sum(a[..., : self.held(j), :].nbytes for j, a in pairs if a is not None)
-
-
-class AuxStore:
-    """Hidden states of tokens pruned at one boundary, waiting to be revived."""
-
-    def __init__(self):
-        self.hidden: mx.array | None = None  # (capacity, hidden)
-        self.positions = mx.zeros((0,), dtype=mx.int32)
-        self.row_of = mx.zeros((0,), dtype=mx.int32)  # position -> row, -1 when absent
-        self.size = 0
-
-    def append(self, positions: mx.array, hidden: mx.array) -> None:
-        """hidden: (count, hidden_size) rows for `positions`."""
-        count = hidden.shape[0]
-        if count == 0:
-            return
-        start, end = self.size, self.size + count
-        if self.hidden is None:
-            self.hidden = mx.zeros((_round_up(end), hidden.shape[1]), dtype=hidden.dtype)
-        self.hidden = _grow_rows(self.hidden, end, 0)
-        self.positions = _grow_rows(self.positions, end, 0)
-        self.hidden[start:end] = hidden
-        self.positions[start:end] = positions
-        self.row_of[positions] = mx.arange(start, end, dtype=mx.int32)
-        self.size = end
-
-    def grow_positions(self, capacity: int) -> None:
-        self.row_of = _grow_rows(self.row_of, capacity, 0, fill=-1)
-
-    def keep_before(self, position: int) -> None:
-        _, rows = _rows_before(self.positions, self.size, position)
-        if rows is None:
-            return
-        self.hidden = self.hidden[rows]
-        self.positions = self.positions[rows]
-        self.size = rows.size
-        self.row_of = mx.full(self.row_of.shape, -1, dtype=mx.int32)
-        self.row_of[self.positions] = mx.arange(self.size, dtype=mx.int32)
-
-    def waiting(self, stage: StageStore) -> mx.array:
-        """Bool mask over rows: tokens still without KV at the stage this aux cache feeds."""
-        pos = self.positions[: self.size]
-        return stage.index_of[pos] < 0
-
-    def nbytes_waiting(self, stage: StageStore) -> mx.array:
-        if self.hidden is None:
-            return mx.array(0)
-        row_bytes = self.hidden.shape[1] * self.hidden.dtype.size
-        return self.waiting(stage).sum() * row_bytes
-
-
-class ObservedQueries:
-    """The observation window of one boundary: the rotated queries of the sequence's last
-    `width` tokens at the layer that ranks tokens for it. Recent tokens are always kept, so each
-    was computed at that layer once, and its query is kept here until it leaves the window.
-
-    For a boundary ranking every token of a contiguous stage (the first), each query's attention
-    row over the keys never changes as keys are appended (it sees only keys before it), so the
-    rows are kept too: a decode step then computes one new row, not `width` of them. `rows` is a
-    ring (width, heads, capacity) indexed by position % width; positions rows_end - width …
-    rows_end - 1 hold their rows (earlier ring slots are zero or stale and never read).
-    """
-
-    def __init__(self, width: int):
-        self.width = width
-        self.positions = mx.zeros((0,), dtype=mx.int32)
-        self.queries: mx.array | None = None  # (1, H, size, D)
-        self.rows: mx.array | None = None
-        self.rows_end = 0
-        self.added = 0  # queries ever added (arrival order; the window holds the last `size`)
-        self.kept = None  # a later boundary's kept_weights.KeptWeights, made by the engine
-
-    @property
-    def size(self) -> int:
-        return self.positions.shape[0]
-
-    def extend(self, positions: mx.array, queries: mx.array) -> None:
-        """Add queries (1, H, n, D) of tokens after every held one; keep the last `width`."""
-        self.added += queries.shape[2]
-        if self.queries is not None:
-            positions = mx.concatenate([self.positions, positions])
-            queries = mx.concatenate([self.queries, queries], axis=2)
-        self.positions = positions[-self.width :]
-        self.queries = queries[..., -self.width :, :]
-
-    def rows_needed(self, end: int) -> int:
-        """How many of the window's last queries (the window ending at position `end`) have
-        no kept row yet."""
-        held = min(self.width, end)
-        if self.rows is None or self.rows_end > end:
-            return held
-        return min(held, end - self.rows_end)
-
-    def put_rows(self, end: int, rows: mx.array, capacity: int) -> mx.array:
-        """Keep `rows` (n, H, N) of the queries at end - n … end - 1; returns the window's
-        per-head attention summed over its queries, (H, N)."""
-        n, heads, count = rows.shape
-        if self.rows is None or self.rows_end > end or self.rows.shape[1] != heads:
-            self.rows = mx.zeros((self.width, heads, _round_up(capacity)), dtype=mx.float32)
-        self.rows = _grow_rows(self.rows, capacity, axis=2)
-        slots = mx.arange(end - n, end, dtype=mx.int32) % self.width
-        width = self.rows.shape[2]
-        self.rows[slots] = mx.pad(rows, [(0, 0), (0, 0), (0, width - count)])
-        self.rows_end = end
-        return self.rows[: min(self.width, end)].sum(axis=0)[:, :count]
-
-    def forget_rows(self) -> None:
-        self.rows, self.rows_end = None, 0
-
-    def keep_before(self, position: int) -> None:
-        held = int((self.positions < position).sum().item())
-        self.added -= self.size - held
-        self.kept = None
-        self.positions = self.positions[:held]
-        self.queries = None if held == 0 else self.queries[..., :held, :]
-        self.forget_rows()
+from .stores import AuxStore, ObservedQueries, StageStore, round_up
 
 
 @dataclass
 class LazyCache:
-    """Everything LazyLLM keeps between calls: pass it back to continue a conversation."""
+    """Everything LazyLLM keeps between calls: pass it back to continue a conversation.
+
+    Storage only, speaking mlx-lm's cache protocol (offset, state, meta_state, from_state,
+    is_trimmable, trim, empty, nbytes). `config` and `schedule` say what it was built for
+    (checked when it is continued, saved with it); the engine takes its policy elsewhere.
+    """
 
     config: LazyConfig
     schedule: Schedule
@@ -278,18 +31,14 @@ class LazyCache:
     observed: list[ObservedQueries | None] = field(default_factory=list)  # ranks for boundary k
     offset: int = 0  # tokens processed so far = the next token's position
     position_capacity: int = 0
-    # Each boundary's last selection (boundary.Attend; index k - 1 for boundary k) and the decode
-    # steps since it was made, for config.reselect_every (transient: not saved, reset by trim).
-    held_selections: list = field(default_factory=list, repr=False)
-    steps_without_selection: int = 0
 
     @classmethod
-    def empty(
+    def create(
         cls, config: LazyConfig, schedule: Schedule, windows: list[int | None] | None = None
     ) -> LazyCache:
-        """windows: each layer's sliding window (None: full attention). The first stage's
-        window layers then keep only their window, except the layer that scores tokens (which
-        scores every candidate: see pruning.scoring_layer)."""
+        """An empty cache. windows: each layer's sliding window (None: full attention). The
+        first stage's window layers then keep only their window, except the layer that scores
+        tokens (which scores every candidate: see pruning.scoring_layer)."""
         stages = [StageStore(layers) for layers in schedule.stages]
         if windows is not None:
             first = schedule.stages[0]
@@ -299,11 +48,15 @@ class LazyCache:
         observed = [None] + [ObservedQueries(config.window) for _ in schedule.boundaries]
         return cls(config=config, schedule=schedule, stages=stages, aux=aux, observed=observed)
 
+    def empty(self) -> bool:
+        """Whether it holds no token (mlx-lm's `empty()`)."""
+        return self.offset == 0
+
     def reserve_positions(self, count: int) -> None:
         needed = self.offset + count
         if needed <= self.position_capacity:
             return
-        self.position_capacity = _round_up(needed)
+        self.position_capacity = round_up(needed)
         for store in self.stages:
             store.grow_positions(self.position_capacity)
         for aux in self.aux[1:]:
@@ -315,7 +68,6 @@ class LazyCache:
         num_tokens = max(0, min(num_tokens, self.offset))
         if not all(store.can_keep_before(self.offset - num_tokens) for store in self.stages):
             return 0  # window layers dropped keys the next token would need (mlx-lm: same)
-        self.held_selections = []
         if num_tokens:
             self.offset -= num_tokens
             for store in self.stages:
@@ -326,7 +78,6 @@ class LazyCache:
                 window.keep_before(self.offset)
         return num_tokens
 
-    # mlx-lm's cache protocol, beside offset, trim and state (`empty` is the constructor here).
     def is_trimmable(self) -> bool:
         """Always: but trim() forgets nothing where sliding windows dropped the keys (see trim)."""
         return True
@@ -342,17 +93,78 @@ class LazyCache:
         return self.kv_bytes() + aux + observed
 
     @property
-    def state(self) -> list[mx.array]:
-        """All arrays, for mx.eval."""
-        arrays: list[mx.array] = []
-        for store in self.stages:
-            arrays += [a for a in store.keys + store.values if a is not None]
-            arrays += [store.positions, store.index_of]
-        for aux in self.aux[1:]:
-            arrays += [aux.positions, aux.row_of] + ([aux.hidden] if aux.hidden is not None else [])
-        for window in self.observed[1:]:
-            arrays += [window.positions] + ([window.queries] if window.queries is not None else [])
+    def state(self) -> dict[str, mx.array]:
+        """Every array it holds, by name: what mx.eval settles. The position lookups
+        (`*.index_of`, `*.row_of`) are rebuilt from the positions by from_state; contents()
+        is the rest, what a file keeps."""
+        arrays = self.contents()
+        for k, store in enumerate(self.stages):
+            arrays[f"stage{k}.index_of"] = store.index_of
+        for k, aux in enumerate(self.aux[1:], start=1):
+            arrays[f"aux{k}.row_of"] = aux.row_of
         return arrays
+
+    def contents(self) -> dict[str, mx.array]:
+        """The tokens it holds, by name: each stage's positions and each layer's KV (from the
+        layer's first held entry), the aux caches' waiting hidden states and the observation
+        windows' queries."""
+        arrays: dict[str, mx.array] = {}
+        for k, store in enumerate(self.stages):
+            arrays[f"stage{k}.positions"] = store.positions[: store.size]
+            for j, (keys, values) in enumerate(zip(store.keys, store.values)):
+                if keys is not None:
+                    arrays[f"stage{k}.layer{j}.keys"] = keys[..., : store.held(j), :]
+                    arrays[f"stage{k}.layer{j}.values"] = values[..., : store.held(j), :]
+        for k, aux in enumerate(self.aux):
+            if aux is not None and aux.hidden is not None:
+                arrays[f"aux{k}.positions"] = aux.positions[: aux.size]
+                arrays[f"aux{k}.hidden"] = aux.hidden[: aux.size]
+        for k, window in enumerate(self.observed):
+            if window is not None and window.queries is not None:
+                arrays[f"observed{k}.positions"] = window.positions
+                arrays[f"observed{k}.queries"] = window.queries
+        return arrays
+
+    @property
+    def meta_state(self) -> dict[str, Any]:
+        """Its scalars, JSON-ready: the schedule it was built for, the tokens it has seen, and
+        each stage's order and windowed layers' first held entries."""
+        return dict(
+            config=self.config.to_dict(),
+            offset=self.offset,
+            sorted=[store.sorted for store in self.stages],
+            bases=[store.base for store in self.stages],
+        )
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, mx.array],
+        meta_state: dict[str, Any],
+        windows: list[int | None],
+    ) -> LazyCache:
+        """The cache that `state` (or `contents()`) and `meta_state` describe, for a model with
+        these sliding windows (one per layer; unlike mlx-lm's caches, one LazyCache spans every
+        layer). KeyError/ValueError/IndexError when they do not fit together."""
+        config = LazyConfig.from_dict(meta_state["config"])
+        cache = cls.create(config, config.resolve(len(windows)), windows)
+        cache.reserve_positions(meta_state["offset"])
+        cache.offset = meta_state["offset"]
+        for k, store in enumerate(cache.stages):
+            bases = meta_state["bases"][k] if "bases" in meta_state else [0] * len(store.layers)
+            layers = range(len(store.layers))
+            keys = [state.get(f"stage{k}.layer{j}.keys") for j in layers]
+            values = [state.get(f"stage{k}.layer{j}.values") for j in layers]
+            positions, in_order = state[f"stage{k}.positions"], meta_state["sorted"][k]
+            store.restore(positions, keys, values, in_order, bases, k)
+        for k, aux in enumerate(cache.aux):
+            if aux is not None and f"aux{k}.hidden" in state:
+                aux.append(state[f"aux{k}.positions"], state[f"aux{k}.hidden"])
+        for k, window in enumerate(cache.observed):
+            if window is not None and f"observed{k}.queries" in state:
+                queries = state[f"observed{k}.queries"]
+                window.restore(state[f"observed{k}.positions"], queries, cache.offset, k)
+        return cache
 
     def kv_bytes(self) -> int:
         return sum(store.nbytes() for store in self.stages)
@@ -365,3 +177,10 @@ class LazyCache:
     def tokens_per_layer(self) -> list[int]:
         """How many tokens hold KV at each layer."""
         return [store.size for store in self.stages for _ in store.layers]
+
+
+def per_layer(cache: LazyCache | list[Any]) -> list[Any]:
+    """A prompt cache as mlx-lm's list of per-layer caches: mlx-lm's is one already, a LazyCache
+    (one for all layers) is a list of one. Each entry speaks mlx-lm's cache protocol (offset,
+    is_trimmable, trim, state, nbytes)."""
+    return [cache] if isinstance(cache, LazyCache) else cache

@@ -36,9 +36,11 @@ def resolve_preset(config: LazyConfig, model: nn.Module) -> LazyConfig:
     """`config` as it applies to `model`: the presets `default`, `fast` and `safe` become, in this
     order, the model's own calibration (stored with it or in the user's store), the calibration
     shipped here for its architecture (CALIBRATED), or the generic layout of config.PRESETS; the
-    options given after the preset (`default;norevive`) apply on top. `source` says which."""
+    options given after the preset (`default;norevive`) apply on top. `source` says which; a
+    config that has one was resolved already and is returned as it is, so a request resolves
+    its schedule once however many layers pass it on."""
     preset = config.from_preset
-    if preset not in PRESET_NAMES:
+    if preset not in PRESET_NAMES or config.source is not None:
         return config
     own, shipped = calibration_store.find(model), CALIBRATED.get(tuple(architecture_of(model)))
     if own is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import mlx.nn as nn
 
 from .config import LazyConfig
+from .fingerprint import model_fingerprint
 from .output_files import write_json
 
 FORMAT = "lazyllm-mlx-calibration/1"
@@ -81,8 +82,6 @@ def store_dir() -> Path:
 def fingerprint(model: nn.Module) -> str:
     """The model's weights and architecture, whatever dtype they were loaded in: a fine-tune or
     a quantization of one architecture has another fingerprint, a float16 or float32 load not."""
-    from .prompt_cache import model_fingerprint
-
     return model_fingerprint(model, dtypes=False)
 
 

@@ -1,168 +1,234 @@
-"""The lazy layer loop: stage-major prefill and decode steps with revival, over mlx-lm's blocks.
+"""The lazy layer loop over mlx-lm's blocks: `prefill` for a prompt (or a later turn's new tokens)
+and `decode_step` for each generated token.
 
-One call processes new tokens (a prompt, a later turn, or one decoded token):
+Each call takes the Runner (the model's family and the schedule: the policy), the LazyCache
+(storage, written in place) and the request's stats; a decode step also takes the request's
+Selections. Stage by stage:
 
   stage 0      every new token, attending to every token (the tokens' original positions);
-  boundary k   the last token's attention at the layer before it ranks the tokens the previous stage
-               attended to; the top `keep` fraction is selected (the last token always). Selected
-               tokens without KV at this stage are computed: new tokens carried over from the
-               previous stage, or pruned tokens resumed from this stage's aux cache (revival).
-               New tokens not selected wait in the aux cache;
+  boundary k   the last tokens' attention at the stage's scoring layer ranks the tokens the
+               previous stage attended to; the top `keep` fraction is selected (the last token
+               always). Selected tokens without KV at this stage are computed: new tokens
+               carried over from the previous stage, or pruned tokens resumed from this stage's
+               aux cache (revival). New tokens not selected wait in the aux cache;
   stage k      the tokens to compute attend to the selected tokens.
 
-A fresh prefill takes a fast path (no lookups: every candidate is a new token in flight, attention
-stays plain causal in the compacted order). Decode steps and later turns take the general path.
+A fresh prefill's boundaries only split the tokens in flight (no lookups: attention stays plain
+causal in the compacted order); later turns and decode steps select among everything stored. A
+decode step may keep the boundaries' last selections (config.reselect_every). Each stage is
+planned once (stage_plan) and its layers run chunk by chunk; a prefill evaluates each chunk (a
+bounded graph, progress), a decode step hands each layer to the device as soon as it is built.
+The active Instrument (instrument.py) sees every call, boundary and stage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import mlx.core as mx
 
-from .boundary import Attend, InFlight, StageResult, prune_fresh, select_and_revive
-from .cache import LazyCache, _grow_rows
-from .families import Family
-from .pruning import scoring_layer
-from .rope import Recorder
+from .boundary import prune_fresh, select_and_revive
+from .cache import LazyCache
+from .flight import Attend, InFlight, StageResult
+from .instrument import active
+from .rope import Rotations
+from .runner import Runner, Selections
 from .stage_attention import LayerView, observe_queries, position_mask, score_keys
+from .stage_plan import ChunkPlan, StagePlan, plan_chunk, plan_stage
 from .stats import LazyStats
+from .stores import grow_rows
 
-# Decoding: each layer's output goes to the device as soon as its graph is built, so the host
-# builds the next layer while the device computes it. Revival's host sync at every boundary stops
-# mlx-lm's one-step-ahead pipelining; this keeps host and device overlapped within a step.
-_EVAL_EACH_LAYER = True
+OnChunk = Callable[[int], None]  # told the token-layers each prefill chunk computed
 
 
-def _run_stage(
-    family: Family,
-    cache: LazyCache,
-    k: int,
-    flight: InFlight,
-    attend: Attend,
-    score: bool,
-    step_size: int,
-    on_chunk: Callable[[int], None] | None,
-) -> StageResult:
-    """Compute `flight` through stage k's layers.
-
-    The rotated queries of the sequence's last tokens at the layer that ranks tokens for the next
-    boundary go to its observation window; with `score`, that window then ranks the candidates.
-    In the final stage only the last token's output is needed: the others only leave KV behind,
-    so the last token of a long flight runs as a chunk of its own and the other chunks' outputs
-    are never computed (as in mlx-lm's prefill).
-    """
-    store = cache.stages[k]
-    final = k == len(cache.stages) - 1
-    observed = None if final else cache.observed[k + 1]
-    in_order = flight.first_position is not None or cache.offset == 0 or flight.count == 1
-    start = store.append(flight.positions, flight.count, in_order, flight.first_position)
-    keys_at = store.index_of[attend.selected] if attend.gather else None
-    masked = attend.selected is not None and not attend.gather
-    # Entry = position: a sliding-window layer reads only the keys inside its window, as mlx-lm's
-    # rotating cache does (not the scoring layer: importance covers every candidate).
-    window_slices = store.contiguous and attend.selected is None
-    scorer = scoring_layer(store.layers, family.windows)
-    rows_kept = k == 0 and store.contiguous and attend.selected is None
-    # The new tokens are the flight's last ones; the window observes the last of them.
-    observed_from = flight.count - min(cache.config.window, flight.new_count)
-    outputs, scores = [], None
-    split_last = final and flight.count > _SPLIT_MIN_TOKENS
-    for c0, c1 in _chunks(flight.count, step_size, split_last):
-        if flight.hidden.ndim == 1:  # embed chunk by chunk, as mlx-lm's prefill does
-            x = family.embed(flight.hidden[None, c0:c1])
-        else:
-            x = flight.hidden[:, c0:c1]
-        query_pos = flight.positions[c0:c1]
-        last_chunk = c1 == flight.count
-        if flight.first_position is not None:
-            offset = flight.first_position + c0
-        else:
-            offset = query_pos
-        key_end = start + c1
-        key_pos = attend.selected if attend.gather else store.positions[:key_end]
-        keys_allowed = attend.is_selected[key_pos] if masked else None
-        causal_suffix = attend.selected is None and store.sorted
-        single_last = c1 - c0 == 1 and last_chunk
-        observing = observed is not None and c1 > observed_from
-        masks = {}
-        for j, layer_index in enumerate(store.layers):
-            at_scorer = layer_index == scorer
-            scoring = score and last_chunk and at_scorer
-            window = family.windows[layer_index]
-            begin = 0
-            if window is not None and window_slices and not scoring:
-                begin = max(0, start + c0 - window + 1)
-            if (window, begin) not in masks:
-                masks[window, begin] = position_mask(
-                    query_pos, key_pos[begin:], window, keys_allowed, causal_suffix, single_last
-                )
-            view = LayerView(store, j, start + c0, offset, keys_at, key_end, begin)
-            rope = family.ropes[layer_index]
-            rope.recorder = Recorder() if observing and at_scorer else None
-            x = family.layers[layer_index](x, masks[window, begin], cache=view)
-            if _EVAL_EACH_LAYER and on_chunk is None:
-                mx.async_eval(x)
-            if rope.recorder is not None:
-                tail = c1 - max(c0, observed_from)
-                observe_queries(family, layer_index, rope.recorder, observed, query_pos, tail)
-                rope.recorder = None
-            if scoring:
-                scores = score_keys(
-                    family, cache, layer_index, view, observed, key_pos, keys_allowed, rows_kept
-                )
-        needed = not final or last_chunk
-        if needed:
-            outputs.append(x)
-        if on_chunk is not None:  # prefill: evaluate chunk by chunk to bound the graph and memory
-            buffers = [b for b in store.keys + store.values if b is not None]
-            if observed is not None and observed.queries is not None:
-                buffers.append(observed.queries)
-            mx.eval(*buffers, *([x] if needed else []))
-            on_chunk((c1 - c0) * len(store.layers))
-    hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-    if attend.gather:
-        return StageResult(hidden, scores, attend.selected, attend.count)
-    n_candidates = attend.count if masked else store.size
-    return StageResult(hidden, scores, store.positions[: store.size], n_candidates)
-
-
-# A separate last chunk reads every weight of the stage once more; that pays only when it saves
-# the last layer's attention and MLP for enough other tokens (revived tokens while decoding do not).
-_SPLIT_MIN_TOKENS = 64
-
-
-def _chunks(count: int, step: int, split_last: bool) -> list[tuple[int, int]]:
-    end = count - 1 if split_last and count > 1 else count
-    bounds = [(c0, min(end, c0 + step)) for c0 in range(0, end, step)]
-    return bounds + ([(end, count)] if end < count else [])
-
-
-def lazy_forward(
-    family: Family,
+def prefill(
+    runner: Runner,
     cache: LazyCache,
     tokens: mx.array,
     stats: LazyStats,
     *,
-    prune: bool,
-    decoding: bool,
     step_size: int = 2048,
     progress: Callable[[int, int], None] | None = None,
-) -> mx.array:
-    """Process `tokens` (1-D) at positions cache.offset…; returns the last token's logits (1, V).
-
-    prune=False computes every new token at every layer against whatever KV each layer holds (used
-    for "none", short prompts, and decoding without revival).
-    """
+) -> tuple[mx.array, Selections]:
+    """Process `tokens` (1-D) at positions cache.offset…; returns the last token's logits (1, V)
+    and the request's Selections for its decode steps. A context shorter than the schedule's
+    min_prompt_tokens is computed whole (every token at every layer)."""
     count = tokens.shape[0]
-    first = cache.offset
+    end = cache.offset + count
+    selecting = runner.prunes(end)
+    on_chunk = _progress(runner, count, selecting, progress)
+
+    def run() -> tuple[mx.array, list[Attend]]:
+        flight, ranked, attend, held = _enter(cache, tokens), None, Attend(), []
+        for k, layers in enumerate(runner.schedule.stages):
+            if k > 0 and selecting:
+                select = partial(_prefill_boundary, runner, cache, k, flight, ranked, end, stats)
+                flight, attend = active().boundary(k, ranked, select)
+                held.append(attend)
+            ranks = selecting and k < len(runner.scorers) - 1
+            plan = plan_stage(
+                cache, k, flight, attend, scorer=runner.scorers[k], ranks=ranks,
+                step_size=step_size, prefill=True,
+            )  # fmt: skip
+            ranked = active().stage(
+                plan, flight, partial(_run_stage, runner, plan, flight, on_chunk)
+            )
+            flight.hidden = ranked.hidden
+            stats.prefill_token_layers += flight.new_count * len(layers)
+            stats.revival_token_layers += (flight.count - flight.new_count) * len(layers)
+            _add_per_layer(stats.prefill_tokens_per_layer, layers, runner, flight.new_count)
+        cache.offset += count
+        return runner.family.head(flight.hidden[:, -1:, :])[:, -1, :], held
+
+    logits, held = active().call("prefill", cache, count, run)
+    stats.prompt_tokens += count
+    stats.pruned = stats.pruned or selecting
+    return logits, Selections(selecting and runner.config.revive, held)
+
+
+def _prefill_boundary(
+    runner: Runner,
+    cache: LazyCache,
+    k: int,
+    flight: InFlight,
+    ranked: StageResult,
+    end: int,
+    stats: LazyStats,
+) -> tuple[InFlight, Attend]:
+    if cache.empty():  # a fresh prefill: the stage stores exactly the selected tokens
+        return prune_fresh(runner, cache, k, flight, ranked.scores, end), Attend()
+    return select_and_revive(runner, cache, k, flight, ranked, end, stats, False)
+
+
+def decode_step(
+    runner: Runner,
+    cache: LazyCache,
+    tokens: mx.array,
+    stats: LazyStats,
+    selections: Selections,
+    step_size: int = 2048,
+) -> mx.array:
+    """Process generated `tokens` (1-D, usually one) at positions cache.offset…; returns the
+    last one's logits (1, V). Selects at the boundaries when selections.selecting, afresh or
+    keeping the last selections (config.reselect_every); updates `selections`."""
+    count = tokens.shape[0]
+    end = cache.offset + count
+    reuse = selections.kept_by_next_step(runner)
+
+    def run() -> tuple[mx.array, list[Attend]]:
+        flight, ranked, attend, held = _enter(cache, tokens), None, Attend(), []
+        for k, layers in enumerate(runner.schedule.stages):
+            if k > 0 and selections.selecting:
+                if reuse:
+                    attend = _held_selection(selections.held[k - 1], cache, flight)
+                else:
+                    select = partial(
+                        select_and_revive, runner, cache, k, flight, ranked, end, stats, True
+                    )
+                    flight, attend = active().boundary(k, ranked, select)
+                held.append(attend)
+            ranks = selections.selecting and k < len(runner.scorers) - 1 and not reuse
+            plan = plan_stage(
+                cache, k, flight, attend, scorer=runner.scorers[k], ranks=ranks,
+                step_size=step_size, prefill=False,
+            )  # fmt: skip
+            ranked = active().stage(plan, flight, partial(_run_stage, runner, plan, flight, None))
+            flight.hidden = ranked.hidden
+            stats.decode_token_layers += flight.count * len(layers)
+        cache.offset += count
+        return runner.family.head(flight.hidden[:, -1:, :])[:, -1, :], held
+
+    logits, selections.held = active().call("decode", cache, count, run)
+    selections.steps_without_selection = selections.steps_without_selection + 1 if reuse else 0
+    stats.decode_steps += 1
+    return logits
+
+
+def _enter(cache: LazyCache, tokens: mx.array) -> InFlight:
+    """The call's new tokens, as ids at their positions, before the first stage."""
+    count, first = tokens.shape[0], cache.offset
     cache.reserve_positions(count)
-    fresh = first == 0
     positions = mx.arange(first, first + count, dtype=mx.int32)
-    flight = InFlight(positions, tokens, count, first, count)
-    selecting = prune and bool(cache.schedule.boundaries)
-    counts = _planned_counts(cache, count, selecting)
-    planned = sum(n * len(s.layers) for n, s in zip(counts, cache.stages))
+    return InFlight(positions, tokens, count, first, count)
+
+
+def _run_stage(
+    runner: Runner, plan: StagePlan, flight: InFlight, on_chunk: OnChunk | None
+) -> StageResult:
+    """Compute `flight` through the stage's layers, chunk by chunk (see StagePlan). In the final
+    stage only the last token's output is needed: the others only leave KV behind."""
+    outputs, scores = [], None
+    for c0, c1 in plan.chunks:
+        chunk = plan_chunk(plan, flight, c0, c1)
+        if plan.embeds:  # embed chunk by chunk, as mlx-lm's prefill does
+            x = runner.family.embed(flight.hidden[None, c0:c1])
+        else:
+            x = flight.hidden[:, c0:c1]
+        x, ranked = _run_layers(runner, plan, chunk, x)
+        scores = ranked if ranked is not None else scores
+        needed = not plan.final or chunk.last
+        if needed:
+            outputs.append(x)
+        if plan.evaluates_chunks:  # bound the graph and memory; tell the progress
+            buffers = [b for b in plan.store.keys + plan.store.values if b is not None]
+            if plan.observed is not None and plan.observed.queries is not None:
+                buffers.append(plan.observed.queries)
+            mx.eval(*buffers, *([x] if needed else []))
+            on_chunk((c1 - c0) * len(plan.store.layers))
+    hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+    attend = plan.attend
+    if attend.gather:
+        return StageResult(hidden, scores, attend.selected, attend.count)
+    n_candidates = attend.count if plan.masked else plan.store.size
+    return StageResult(hidden, scores, plan.store.positions[: plan.store.size], n_candidates)
+
+
+def _run_layers(
+    runner: Runner, plan: StagePlan, chunk: ChunkPlan, x: mx.array
+) -> tuple[mx.array, mx.array | None]:
+    """One chunk through the stage's layers; returns its output and, where the chunk ranks
+    the candidates, their scores."""
+    family, masks, scores = runner.family, {}, None
+    for j, layer in enumerate(plan.store.layers):
+        at_scorer = layer == plan.scorer
+        scoring = plan.ranks and chunk.last and at_scorer
+        window = family.windows[layer]
+        begin = 0
+        if window is not None and plan.window_slices and not scoring:
+            begin = max(0, plan.start + chunk.c0 - window + 1)
+        if (window, begin) not in masks:
+            masks[window, begin] = position_mask(
+                chunk.query_pos, chunk.key_pos[begin:], window, chunk.keys_allowed,
+                plan.causal_suffix, chunk.single_last,
+            )  # fmt: skip
+        observing = chunk.observing and at_scorer
+        offset = Rotations(chunk.offset) if observing else chunk.offset
+        start = plan.start + chunk.c0
+        view = LayerView(plan.store, j, start, offset, plan.keys_at, chunk.key_end, begin)
+        x = family.layers[layer](x, masks[window, begin], cache=view)
+        if not plan.evaluates_chunks:
+            # A decode step hands each layer to the device as soon as its graph is built, so
+            # the host builds the next layer while the device computes it (revival's host sync
+            # at every boundary stops mlx-lm's one-step-ahead pipelining).
+            mx.async_eval(x)
+        if observing:
+            observe_queries(family, layer, offset, plan, chunk)
+        if scoring:
+            scores = score_keys(runner, plan, chunk, layer, view)
+    return x, scores
+
+
+def _progress(
+    runner: Runner, count: int, selecting: bool, progress: Callable[[int, int], None] | None
+) -> OnChunk:
+    """Turns the token-layers each chunk computed into prompt progress (count - 1 at most:
+    the caller reports the end)."""
+    if selecting:
+        counts = runner.schedule.present_counts(count)
+    else:
+        counts = [count] * len(runner.schedule.stages)
+    planned = sum(n * len(s) for n, s in zip(counts, runner.schedule.stages))
     done = 0
 
     def on_chunk(token_layers: int) -> None:
@@ -171,78 +237,23 @@ def lazy_forward(
         if progress is not None:
             progress(min(count - 1, count * done // max(1, planned)), count)
 
-    attend, ranked = Attend(), None
-    end = first + count
-    last_stage = len(cache.stages) - 1
-    reuse = decoding and selecting and decode_step_keeps_selection(cache)
-    held = []
-    for k in range(len(cache.stages)):
-        if k > 0 and selecting:
-            if reuse:
-                attend = _held_selection(cache, k, flight)
-            elif fresh:
-                flight = prune_fresh(cache, k, flight, ranked.scores, end)
-                attend = Attend()  # the stage stores exactly the selected tokens
-            else:
-                flight, attend = select_and_revive(cache, k, flight, ranked, end, stats, decoding)
-            held.append(attend)
-        ranked = _run_stage(
-            family,
-            cache,
-            k,
-            flight,
-            attend,
-            score=selecting and k < last_stage and not reuse,
-            step_size=step_size,
-            on_chunk=on_chunk if not decoding else None,
-        )
-        flight.hidden = ranked.hidden
-        layers = len(cache.stages[k].layers)
-        if decoding:
-            stats.decode_token_layers += flight.count * layers
-        else:
-            stats.prefill_token_layers += flight.new_count * layers
-            stats.revival_token_layers += (flight.count - flight.new_count) * layers
-            _add_per_layer(stats.prefill_tokens_per_layer, k, cache, flight.new_count)
-    cache.offset += count
-    cache.held_selections = held
-    cache.steps_without_selection = cache.steps_without_selection + 1 if reuse else 0
-    if decoding:
-        stats.decode_steps += 1
-    else:
-        stats.prompt_tokens += count
-        stats.pruned = stats.pruned or selecting
-    return family.head(flight.hidden[:, -1:, :])[:, -1, :]
+    return on_chunk
 
 
-def decode_step_keeps_selection(cache: LazyCache) -> bool:
-    """Whether this decode step keeps the boundaries' last selections (config.reselect_every)."""
-    every = cache.config.reselect_every
-    held = len(cache.held_selections) == len(cache.stages) - 1
-    return held and cache.steps_without_selection < every - 1
-
-
-def _held_selection(cache: LazyCache, k: int, flight: InFlight) -> Attend:
-    """Boundary k's last selection with the step's new tokens (all in flight) added."""
-    attend = cache.held_selections[k - 1]
+def _held_selection(attend: Attend, cache: LazyCache, flight: InFlight) -> Attend:
+    """A boundary's last selection with the step's new tokens (all in flight) added."""
     if attend.selected is None:  # the stage stores exactly the selection
         return attend
     if attend.is_selected.shape[0] < cache.position_capacity:
-        attend.is_selected = _grow_rows(attend.is_selected, cache.position_capacity, 0, False)
+        attend.is_selected = grow_rows(attend.is_selected, cache.position_capacity, 0, False)
     attend.is_selected[flight.positions] = True
     attend.count += flight.count
     attend.gather = False  # a decode step's few queries attend through a mask
     return attend
 
 
-def _planned_counts(cache: LazyCache, count: int, selecting: bool) -> list[int]:
-    if selecting:
-        return cache.schedule.present_counts(count)
-    return [count] * len(cache.stages)
-
-
-def _add_per_layer(per_layer: list[int], k: int, cache: LazyCache, amount: int) -> None:
+def _add_per_layer(per_layer: list[int], layers: range, runner: Runner, amount: int) -> None:
     if not per_layer:
-        per_layer.extend([0] * cache.schedule.num_layers)
-    for layer in cache.stages[k].layers:
+        per_layer.extend([0] * runner.schedule.num_layers)
+    for layer in layers:
         per_layer[layer] += amount

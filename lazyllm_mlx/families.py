@@ -1,7 +1,8 @@
 """The few per-architecture differences the engine needs, and a clear refusal for the rest.
 
 The engine drives mlx-lm's own blocks: `block(h, mask, cache)` for every family below. What differs
-is how tokens are embedded, how logits are produced, and which layers use a sliding window.
+is how tokens are embedded, how logits are produced, and which layers use a sliding window. A
+model's Family is made once and kept with the model (family_of).
 """
 
 from __future__ import annotations
@@ -135,7 +136,16 @@ def _head(model: nn.Module) -> Callable[[mx.array], mx.array]:
 
 
 def family_of(model: nn.Module) -> Family:
-    """Handles on a loaded mlx-lm model; installs the position-aware RoPE wrappers (idempotent)."""
+    """Handles on a loaded mlx-lm model, made once per model: the first call checks the
+    architecture and installs the position-aware RoPE wrappers, later ones find them."""
+    family = getattr(model, "_lazyllm_family", None)
+    if family is None:
+        family = _make_family(model)
+        object.__setattr__(model, "_lazyllm_family", family)  # not a parameter or child
+    return family
+
+
+def _make_family(model: nn.Module) -> Family:
     model_type = model_type_of(model)
     check_supported(model_type)
     make_embed, windows_of = SUPPORTED[model_type]

@@ -17,17 +17,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cache import LazyCache
 from .calibration import resolve_preset
 from .config import LazyConfig, as_config
-from .engine import LazyStats, decode_step_keeps_selection, lazy_forward
-from .families import family_of
-
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+from .lazy_steps import LogitsProcessor, Sampler, lazy_generate_step, new_cache
+from .runner import runner_for
+from .stats import LazyStats
 
 
 @dataclass
@@ -62,8 +59,12 @@ def make_lazy_cache(model: nn.Module, lazy: LazyConfig | str | dict) -> LazyCach
         raise ValueError(
             "make_lazy_cache needs a schedule; use mlx_lm's make_prompt_cache for None."
         )
-    family = family_of(model)
-    return LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
+    return _new_cache(model, config)
+
+
+def _new_cache(model: nn.Module, config: LazyConfig) -> LazyCache:
+    """An empty cache for a schedule already resolved for `model` (for_model)."""
+    return new_cache(runner_for(model, config), config)
 
 
 def default_schedule(model: nn.Module) -> LazyConfig:
@@ -114,9 +115,8 @@ def check_request(
         )
     if config is None:
         return
-    family = family_of(model)  # raises for architectures the engine cannot prune
-    config.resolve(family.num_layers)  # raises for schedules that do not fit this model
-    if cache is not None and cache.schedule != config.resolve(family.num_layers):
+    runner = runner_for(model, config)  # raises for an architecture or schedule that cannot run
+    if cache is not None and cache.schedule != runner.schedule:
         raise ValueError("prompt_cache was built with a different schedule than `lazy`.")
 
 
@@ -140,11 +140,24 @@ def generate_step(
     model at a time: another thread's waits until this one is exhausted or closed (MLX evaluates
     on one stream; two at once crashed).
     """
+    yield from _locked_steps(
+        prompt, model, for_model(lazy, model), max_tokens=max_tokens, sampler=sampler,
+        logits_processors=logits_processors, prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size, prompt_progress_callback=prompt_progress_callback,
+        stats=stats, **baseline_kwargs,
+    )  # fmt: skip
+
+
+def _locked_steps(
+    prompt: mx.array, model: nn.Module, config: LazyConfig | None, **options: Any
+) -> Generator[tuple[int, mx.array], None, None]:
+    """generate_step for a schedule already resolved for `model` (for_model), under its lock."""
     with model_lock(model):
-        yield from _generate_steps(
-            prompt, model, lazy, max_tokens, sampler, logits_processors, prompt_cache,
-            prefill_step_size, prompt_progress_callback, stats, baseline_kwargs,
-        )  # fmt: skip
+        if config is None:
+            options.pop("stats", None)
+            yield from mlx_generate_step(prompt, model, **options)
+        else:
+            yield from lazy_generate_step(prompt, model, config, **options)
 
 
 _LOCKS = threading.Lock()
@@ -158,92 +171,6 @@ def model_lock(model: nn.Module) -> threading.RLock:
             lock = threading.RLock()
             object.__setattr__(model, "_lazyllm_lock", lock)  # not a parameter or child
     return lock
-
-
-def _generate_steps(
-    prompt, model, lazy, max_tokens, sampler, logits_processors, prompt_cache,
-    prefill_step_size, prompt_progress_callback, stats, baseline_kwargs,
-) -> Generator[tuple[int, mx.array], None, None]:  # fmt: skip
-    config = for_model(lazy, model)
-    if config is None:
-        yield from mlx_generate_step(
-            prompt,
-            model,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=logits_processors,
-            prompt_cache=prompt_cache,
-            prefill_step_size=prefill_step_size,
-            prompt_progress_callback=prompt_progress_callback,
-            **baseline_kwargs,
-        )
-        return
-    if baseline_kwargs:
-        raise ValueError(f"Options not supported by the lazy engine: {sorted(baseline_kwargs)}")
-    family = family_of(model)
-    cache = prompt_cache if prompt_cache is not None else make_lazy_cache(model, config)
-    stats = stats if stats is not None else LazyStats(family.num_layers)
-    prune = cache.offset + prompt.size >= config.min_prompt_tokens
-    sampler = sampler or greedy_sampler
-    progress = prompt_progress_callback or (lambda *_: None)
-    seen: mx.array | None = None
-
-    def _step(tokens: mx.array, decoding: bool) -> tuple[mx.array, mx.array]:
-        nonlocal seen
-        with mx.stream(generation_stream):
-            logits = lazy_forward(
-                family,
-                cache,
-                tokens,
-                stats,
-                prune=prune and (config.revive or not decoding),
-                decoding=decoding,
-                step_size=prefill_step_size,
-                progress=None if decoding else progress,
-            )
-            if logits_processors:
-                seen = tokens if seen is None else mx.concatenate([seen, tokens])
-                for processor in logits_processors:
-                    logits = processor(seen, logits)
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            return sampler(logprobs), logprobs.squeeze(0)
-
-    total = prompt.size
-    progress(0, total)
-    y, logprobs = _step(prompt, decoding=False)
-    mx.async_eval(y, logprobs)
-    # A decode step that selects waits on the host at every boundary, so computing it before
-    # handing out the current token (mlx-lm's one-step-ahead order) would only delay the token,
-    # the first one included. Such a step is fed after the token is handed out; the others
-    # (no revival, or a step that keeps its selections: every=N) are computed ahead, as mlx-lm's.
-    selects = prune and config.revive and bool(cache.schedule.boundaries)
-    unfed = None
-    n = 0
-    try:
-        while True:
-            ahead = n != max_tokens and (not selects or decode_step_keeps_selection(cache))
-            if ahead:
-                next_y, next_logprobs = _step(y, decoding=True)
-                mx.async_eval(next_y, next_logprobs)
-            if n == 0:
-                mx.eval(y)
-                progress(total, total)
-            if n == max_tokens:
-                break
-            unfed = None if ahead else y
-            yield y.item(), logprobs
-            if not ahead:
-                unfed = None
-                next_y, next_logprobs = _step(y, decoding=True)
-                mx.async_eval(next_y, next_logprobs)
-            if n % 256 == 0:
-                mx.clear_cache()
-            y, logprobs = next_y, next_logprobs
-            n += 1
-    except GeneratorExit:
-        if unfed is not None:  # closed right after a token: the cache still takes it, as mlx-lm's
-            mx.eval(_step(unfed, decoding=True))
-        raise
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -267,6 +194,7 @@ def stream_generate(
     max_tokens: int = 256,
     *,
     lazy: LazyConfig | str | dict | None = None,
+    prompt_cache: Any = None,
     should_stop: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> Iterator[GenerationResponse]:
@@ -275,7 +203,7 @@ def stream_generate(
     should_stop: called after every token; True ends the stream with finish_reason "cancelled".
     Closing the generator also stops it. Either way the prompt cache stays consistent: it holds
     the prompt and every generated token that was yielded (its `offset` says how many tokens).
-    Other keyword arguments go to `generate_step` (sampler, logits_processors, prompt_cache,
+    Other keyword arguments go to `generate_step` (sampler, logits_processors,
     prefill_step_size, prompt_progress_callback).
     """
     if max_tokens == 0:
@@ -284,20 +212,22 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     config = for_model(lazy, model)
     tokens = _as_tokens(tokenizer, prompt)
-    check_request(model, tokens, config, kwargs.get("prompt_cache"))
+    check_request(model, tokens, config, prompt_cache)
     stats = None
     if config is not None:
-        stats = kwargs["stats"] = LazyStats(len(model.layers))
-        if kwargs.get("prompt_cache") is None:
-            kwargs["prompt_cache"] = make_lazy_cache(model, config)
-    return _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kwargs)
+        stats = LazyStats(len(model.layers))
+        if prompt_cache is None:
+            prompt_cache = _new_cache(model, config)
+    steps = _locked_steps(
+        tokens, model, config, max_tokens=max_tokens, prompt_cache=prompt_cache, stats=stats,
+        **kwargs,
+    )  # fmt: skip
+    return _stream(model, tokenizer, tokens, max_tokens, steps, prompt_cache, stats, should_stop)
 
 
-def _stream(model, tokenizer, tokens, max_tokens, config, stats, should_stop, kwargs):
+def _stream(model, tokenizer, tokens, max_tokens, steps, cache, stats, should_stop):
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    steps = generate_step(tokens, model, lazy=config, max_tokens=max_tokens, **kwargs)
-    cache = kwargs.get("prompt_cache")
 
     def response(token, logprobs, n, finish_reason=None):
         if stats is not None and finish_reason is not None:  # lazy: the cache is a LazyCache

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .cache import ObservedQueries, _grow_rows, _round_up
 from .pruning import attention_logits
+from .stores import ObservedQueries, grow_rows, round_up
 
 # A key added after its row's shift was fixed (a revived token) could in principle exceed it by
 # more than float32's exponent range; its weight is capped there (it then dominates the row).
@@ -58,10 +58,10 @@ class KeptWeights:
             or self.rows_added > window.added
         )
         if stale:
-            self.weights = mx.zeros((heads, self.width, _round_up(n)), dtype=mx.float32)
+            self.weights = mx.zeros((heads, self.width, round_up(n)), dtype=mx.float32)
             self.shifts = mx.zeros((heads, self.width, 1), dtype=mx.float32)
             self.rows_added, self.entries = first, n
-        self.weights = _grow_rows(self.weights, n, axis=2)
+        self.weights = grow_rows(self.weights, n, axis=2)
         with_rows = max(0, self.rows_added - first)  # the window's first queries, already kept
         if with_rows and n > self.entries:
             self._add_columns(window, keys, key_pos, scale, first, with_rows)

@@ -10,7 +10,6 @@ folder itself as `model.lazyllm_folder` (a calibration may be stored there).
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from mlx.utils import tree_flatten
 from ._platform import default_dtype
 from .default_model import default_model_path
 from .gguf.loader import GGUF_DEFAULT_DTYPE, load_gguf
+from .safetensors_file import check_safetensors
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -174,23 +174,6 @@ def check_model_folder(folder: Path) -> None:
         check_safetensors(file)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
-
-
-def check_safetensors(file: Path) -> None:
-    """Raise ValueError naming `file` if its header is unreadable or its tensors overrun it."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-        if n > size - 8:
-            raise ValueError(f"{file}: corrupt safetensors file (header length {n}, size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: corrupt safetensors file (header: {e})") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    if max(ends, default=0) > size - 8 - n:
-        raise ValueError(f"{file}: truncated safetensors file ({size} bytes, data needs more)")
 
 
 def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:

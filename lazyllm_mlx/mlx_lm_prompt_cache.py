@@ -79,15 +79,13 @@ def _check_layer(path: str | Path, i: int, cache: Any, expected: Any) -> None:
 
 def as_lazy_cache(caches: list[Any], model: nn.Module) -> LazyCache:
     """A LazyCache with schedule "none" holding the KV of mlx-lm's (checked) caches."""
-    config = LazyConfig.preset(NOTHING_PRUNED)
-    family = family_of(model)
-    cache = LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
     offset = caches[0].offset
-    cache.reserve_positions(offset)
-    cache.offset = offset
-    (store,) = cache.stages
-    start = store.append(mx.arange(offset, dtype=mx.int32), offset, True, 0)
+    state = {"stage0.positions": mx.arange(offset, dtype=mx.int32)}
     for j, layer in enumerate(caches):  # unrotated: the first `offset` entries, in order
-        store.write(j, start, layer.keys[..., :offset, :], layer.values[..., :offset, :])
+        state[f"stage0.layer{j}.keys"] = layer.keys[..., :offset, :]
+        state[f"stage0.layer{j}.values"] = layer.values[..., :offset, :]
+    config = LazyConfig.preset(NOTHING_PRUNED).to_dict()
+    meta_state = dict(config=config, offset=offset, sorted=[True])
+    cache = LazyCache.from_state(state, meta_state, family_of(model).windows)
     mx.eval(cache.state)
     return cache

@@ -1,4 +1,5 @@
-"""A lazy prompt cache on disk: save and load a LazyCache, and continue a cached document.
+"""A lazy prompt cache on disk: save and load a LazyCache (document_cache.py continues a cached
+document with a question).
 
 A LazyCache (KV with positions per stage, aux caches, observation windows) is one safetensors file.
 Its metadata has mlx-lm's `save_prompt_cache` layout (the user's metadata, the cache classes, the
@@ -8,60 +9,32 @@ KeyError that says what the file is and how to load it, and either tool tells th
 a lazy cache that pruned nothing. The file records the schedule, a fingerprint of the model and a
 checksum of its contents, so a cache is never continued with another model or schedule, and a
 damaged file is refused. Lookup maps are rebuilt from the stored positions.
-
-A cached document follows mlx-lm's convention: the document is the start of a user message (chat
-template applied with `continue_final_message`, so the message stays open), and a later prompt Q
-continues that message with Q, then the template's end of turn and generation prompt. Only Q and
-that tail are prefilled; pruned document tokens the question needs are revived from the aux caches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten
 
-from .cache import LazyCache, ObservedQueries, StageStore
+from .cache import LazyCache
 from .config import LazyConfig
 from .families import family_of
-from .generate import encode_prompt
-from .loading import check_safetensors
+from .fingerprint import model_fingerprint
 from .output_files import write_atomically
+from .safetensors_file import check_safetensors
 
 FORMAT = "lazyllm-mlx-cache/2"
-QUERY_MARK = "<query>"
 # Our cache class in mlx-lm's layout: mlx-lm's loader fails to find it, saying this.
 MLX_LM_MARK = (
     "LazyCache: a lazyllm-mlx prompt cache; load it with lazyllm_mlx.load_lazy_cache or "
     "`lazyllm-mlx generate --prompt-cache-file`"
 )
 _HEADER = "0.lazyllm"  # our header, among the user's metadata ("0.<key>")
-
-
-def model_fingerprint(model: nn.Module, dtypes: bool = True) -> str:
-    """A short hash of the model's architecture and a sample of its weights (and of their dtypes,
-    unless `dtypes` is False: then the sample is rounded to bfloat16, so one model loaded as
-    float32, float16 or bfloat16 hashes alike)."""
-    digest = hashlib.sha256()
-    args = getattr(model, "args", None)
-    described = vars(args) if args is not None else {}
-    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
-    for name, value in tree_flatten(model.parameters()):
-        digest.update(f"{name}:{value.shape}:{value.dtype if dtypes else ''}".encode())
-    layers = model.layers
-    for module in (layers[0], layers[-1]):
-        for _, value in tree_flatten(module.parameters())[:4]:
-            sample = value.reshape(-1)[:64]
-            sample = (sample if dtypes else sample.astype(mx.bfloat16)).astype(mx.float32)
-            digest.update(np.array(sample).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def contents_checksum(arrays: dict[str, mx.array], header: dict[str, Any]) -> str:
@@ -86,31 +59,10 @@ def save_lazy_cache(
     bad = [k for k, v in metadata.items() if "." in k or k == "lazyllm" or not isinstance(v, str)]
     if bad:
         raise ValueError(f"Metadata keys {bad}: keys must be dot-free, not 'lazyllm'; values str.")
-    arrays: dict[str, mx.array] = {}
-    for k, store in enumerate(cache.stages):
-        arrays[f"stage{k}.positions"] = store.positions[: store.size]
-        for j, (keys, values) in enumerate(zip(store.keys, store.values)):
-            if keys is not None:
-                arrays[f"stage{k}.layer{j}.keys"] = keys[..., : store.held(j), :]
-                arrays[f"stage{k}.layer{j}.values"] = values[..., : store.held(j), :]
-    for k, aux in enumerate(cache.aux):
-        if aux is not None and aux.hidden is not None:
-            arrays[f"aux{k}.positions"] = aux.positions[: aux.size]
-            arrays[f"aux{k}.hidden"] = aux.hidden[: aux.size]
-    for k, window in enumerate(cache.observed):
-        if window is not None and window.queries is not None:
-            arrays[f"observed{k}.positions"] = window.positions
-            arrays[f"observed{k}.queries"] = window.queries
+    arrays = cache.contents()
     arrays = {name: mx.contiguous(a) for name, a in arrays.items()}
     mx.eval(arrays)
-    header = dict(
-        format=FORMAT,
-        model=model_fingerprint(model),
-        config=cache.config.to_dict(),
-        offset=cache.offset,
-        sorted=[store.sorted for store in cache.stages],
-        bases=[store.base for store in cache.stages],
-    )
+    header = dict(format=FORMAT, model=model_fingerprint(model), **cache.meta_state)
     header["checksum"] = contents_checksum(arrays, header)
     layout = {f"0.{k}": v for k, v in metadata.items()}
     layout.update({_HEADER: json.dumps(header), "1.0": MLX_LM_MARK, "2.0": ""})
@@ -147,12 +99,13 @@ def file_kind(metadata: dict[str, str]) -> str:
 def read_cache_header(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """A lazyllm-mlx cache file's arrays and header (with its user metadata as "user"), checked
     against its checksum."""
-    return _checked_header(path, *read_file(path))
+    return checked_header(path, *read_file(path))
 
 
-def _checked_header(
+def checked_header(
     path: str | Path, arrays: dict[str, mx.array], metadata: dict[str, str]
 ) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """read_cache_header for a file read_file has read."""
     kind = file_kind(metadata)
     if kind == "lazyllm/1":
         raise ValueError(
@@ -190,7 +143,7 @@ def load_lazy_cache(
     arrays, metadata = read_file(path)
     if file_kind(metadata) == "mlx-lm":
         return _from_mlx_lm(path, model, lazy)
-    arrays, header = _checked_header(path, arrays, metadata)
+    arrays, header = checked_header(path, arrays, metadata)
     if header["model"] != model_fingerprint(model):
         raise ValueError(f"{path} was saved with a different model than the one loaded.")
     config = LazyConfig.from_dict(header["config"])
@@ -198,20 +151,8 @@ def load_lazy_cache(
         raise ValueError(
             f"{path} was built with schedule {config.to_string()!r}, not {lazy.to_string()!r}."
         )
-    family = family_of(model)
-    cache = LazyCache.empty(config, config.resolve(family.num_layers), family.windows)
-    cache.reserve_positions(header["offset"])
-    cache.offset = header["offset"]
     try:
-        for k, store in enumerate(cache.stages):
-            bases = header["bases"][k] if "bases" in header else [0] * len(store.layers)
-            _restore_stage(store, k, arrays, header["sorted"][k], bases)
-        for k, aux in enumerate(cache.aux):
-            if aux is not None and f"aux{k}.hidden" in arrays:
-                aux.append(arrays[f"aux{k}.positions"], arrays[f"aux{k}.hidden"])
-        for k, window in enumerate(cache.observed):
-            if window is not None and f"observed{k}.queries" in arrays:
-                _restore_window(window, k, arrays, cache.offset)
+        cache = LazyCache.from_state(arrays, header, family_of(model).windows)
     except (KeyError, ValueError, IndexError) as error:
         raise ValueError(f"{path}: corrupt prompt cache ({error})") from None
     mx.eval(cache.state)
@@ -233,197 +174,3 @@ def _from_mlx_lm(
         )
     caches, metadata = read_mlx_lm_cache(path, model)
     return as_lazy_cache(caches, model), metadata
-
-
-def _restore_window(
-    window: ObservedQueries, k: int, arrays: dict[str, mx.array], offset: int
-) -> None:
-    positions, queries = arrays[f"observed{k}.positions"], arrays[f"observed{k}.queries"]
-    held = positions.shape[0]
-    if queries.ndim != 4 or queries.shape[2] != held or held > window.width:
-        raise ValueError(f"observation window {k} holds {held} positions for {queries.shape}")
-    if held and not (0 <= positions.min().item() and positions.max().item() < offset):
-        raise ValueError(f"observation window {k} holds positions outside 0..{offset - 1}")
-    window.extend(positions.astype(mx.int32), queries)
-
-
-def _restore_stage(
-    store: StageStore, k: int, arrays: dict[str, mx.array], in_order: bool, bases: list[int]
-) -> None:
-    positions = arrays[f"stage{k}.positions"]
-    count = positions.shape[0]
-    contiguous = bool(mx.array_equal(positions, mx.arange(count, dtype=positions.dtype)))
-    start = store.append(positions, count, in_order, 0 if contiguous else None)
-    if any(bases) and (not contiguous or len(bases) != len(store.layers)):
-        raise ValueError(f"stage {k}: window offsets {bases} do not fit the stored tokens")
-    for j in range(len(store.layers)):
-        keys = arrays.get(f"stage{k}.layer{j}.keys")
-        if keys is None:
-            if count:
-                raise KeyError(f"stage{k}.layer{j}.keys")
-            continue
-        if keys.shape[2] != count - bases[j]:
-            raise ValueError(f"stage {k} layer {j} holds {keys.shape[2]} keys for {count} tokens")
-        if bases[j] and store.keep_last[j] is None:
-            raise ValueError(f"stage {k} layer {j} is not a window layer but lacks early keys")
-        store.write(j, start + bases[j], keys, arrays[f"stage{k}.layer{j}.values"])
-
-
-def _messages(system_prompt: str | None, content: str) -> list[dict[str, str]]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    return [*system, {"role": "user", "content": content}]
-
-
-def document_tokens(
-    tokenizer: Any, text: str, system_prompt: str | None, template: dict[str, Any] | None
-) -> tuple[str, list[int]]:
-    """The cached prefix, as text and tokens: an open user message starting with `text`.
-
-    template: apply_chat_template arguments, or None to use no chat template.
-    """
-    if template is None:
-        return text, encode_prompt(tokenizer, text)
-    prefix = tokenizer.apply_chat_template(
-        _messages(system_prompt, text),
-        tokenize=False,
-        add_generation_prompt=False,
-        continue_final_message=True,
-        **template,
-    )
-    return prefix, tokenizer.encode(prefix, add_special_tokens=False)
-
-
-def query_tokens(
-    tokenizer: Any, text: str, system_prompt: str | None, template: dict[str, Any] | None
-) -> list[int]:
-    """What follows the cached prefix: `text`, the end of the user turn, the generation prompt."""
-    if template is not None:
-        messages = _messages(system_prompt, text)
-        full = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template
-        )
-        messages[-1]["content"] = QUERY_MARK
-        marked = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template
-        )
-        text = full[marked.index(QUERY_MARK) :]  # mlx-lm's rule: everything from the content on
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def save_document_cache(
-    path: str | Path,
-    cache: LazyCache,
-    model: nn.Module,
-    *,
-    model_source: str | None,
-    prefix: str,
-    template: dict[str, Any] | None,
-    system_prompt: str | None,
-    adapter_path: str | None = None,
-    eos_tokens: list[str] | None = None,
-) -> None:
-    """Save the cache of a prefilled document with what continuing it needs: how to find the
-    model again (`model_source` as given to `load`, None for the default model; the adapter it
-    was loaded with), the prefix text, the chat template arguments (None: no template), the
-    system prompt and the extra tokens that end a generation."""
-    metadata = {
-        "model": _model_reference(model_source),
-        "adapter_path": _model_reference(adapter_path),
-        "eos_tokens": json.dumps(list(eos_tokens or [])),
-        "schedule": cache.config.to_string(),
-        "chat_template_args": json.dumps(template),  # "null": no chat template
-        "system_prompt": json.dumps(system_prompt),
-        "prefix": prefix,
-        "prefix_tokens": str(cache.offset),
-    }
-    save_lazy_cache(path, cache, model, metadata)
-
-
-def _model_reference(model: str | None) -> str:
-    """How a later `generate` finds the model again: an absolute path, a hub id, or '' (default)."""
-    if model is None:
-        return ""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
-def check_plain(path: str | Path, plain: bool) -> bool:
-    """Whether `path` is an mlx-lm file; ValueError when plain mlx-lm is asked to continue ours."""
-    foreign = file_kind(read_file(path)[1]) == "mlx-lm"
-    if plain and not foreign:
-        raise ValueError(
-            f"{path} holds LazyLLM state: plain mlx-lm (--schedule off) cannot continue it."
-        )
-    return foreign
-
-
-@dataclass(frozen=True)
-class SavedLoading:
-    """How a saved document's model was loaded: what a later `generate` loads by default."""
-
-    model: str | None  # as `load` takes it; None: the default model
-    adapter_path: str | None
-    eos_tokens: list[str]
-
-
-def cached_loading(path: str | Path) -> SavedLoading:
-    """The model, adapter and end tokens a saved document was built with; mlx-lm's cache_prompt
-    files keep the model and its --eos-token too."""
-    arrays, metadata = read_file(path)
-    if file_kind(metadata) == "mlx-lm":
-        user = {k[2:]: v for k, v in metadata.items() if k.startswith("0.")}
-        eos = json.loads(user.get("tokenizer_config") or "{}").get("eos_token")
-        return SavedLoading(user.get("model") or None, None, [eos] if eos else [])
-    user = _checked_header(path, arrays, metadata)[1].get("user", {})
-    return SavedLoading(
-        user.get("model") or None,
-        user.get("adapter_path") or None,
-        json.loads(user.get("eos_tokens") or "[]"),
-    )
-
-
-def continue_from_file(
-    path: str | Path,
-    model: nn.Module,
-    tokenizer: Any,
-    text: str,
-    lazy: LazyConfig | None = None,
-    *,
-    system_prompt: str | None = None,
-    chat_template: bool = True,
-    plain: bool = False,
-) -> tuple[LazyConfig | None, list[int], Any]:
-    """Continue a document saved by save_document_cache (or mlx-lm's cache_prompt) with `text`:
-    the schedule to run (`lazy`, default the file's), the tokens to prefill and the loaded cache.
-
-    system_prompt: must be the file's when given. chat_template=False continues without the chat
-    template. plain: continue with plain mlx-lm (schedule None), which only an mlx-lm file can.
-    Mismatched models or schedules and unreadable files raise ValueError / FileNotFoundError with
-    a clear message.
-    """
-    foreign = check_plain(path, plain)
-    if plain:
-        from .mlx_lm_prompt_cache import read_mlx_lm_cache
-
-        cache, metadata = read_mlx_lm_cache(path, model)
-    else:
-        cache, metadata = load_lazy_cache(path, model, lazy)
-    if foreign:  # mlx-lm's cache_prompt: the tokenizer's template with no options, no system
-        template = {} if tokenizer.has_chat_template else None
-        stored_system_prompt = None
-    else:
-        if str(cache.offset) != metadata.get("prefix_tokens", str(cache.offset)):
-            raise ValueError(f"{path}: corrupt prompt cache (its token count does not match)")
-        template = json.loads(metadata.get("chat_template_args", "null"))
-        stored_system_prompt = json.loads(metadata.get("system_prompt", "null"))
-    if system_prompt is not None and system_prompt != stored_system_prompt:
-        raise ValueError(
-            f"{path} was built with system prompt {stored_system_prompt!r}; it cannot change."
-        )
-    if not chat_template:
-        template = None
-    tokens = query_tokens(tokenizer, text, stored_system_prompt, template)
-    if plain:
-        return None, tokens, cache
-    lazy = lazy if lazy is not None else cache.config  # its options (norevive, min=) may differ
-    return lazy, tokens, cache

@@ -11,26 +11,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-
-def last_row_attention(
-    query: mx.array, keys: mx.array, scale: float, allowed: mx.array | None = None
-) -> mx.array:
-    """Softmax attention of one query over `keys`, averaged over all query heads.
-
-    query: (1, H, 1, D) already rotated; keys: (1, Hkv, N, D) with H a multiple of Hkv (GQA: each
-    query head is scored against its own KV head). allowed: optional (N,) bool mask. Returns (N,)
-    float32. Only this one row is computed, never an N×N matrix.
-    """
-    _, n_heads, _, head_dim = query.shape
-    n_kv = keys.shape[1]
-    q = query.reshape(1, n_kv, n_heads // n_kv, head_dim).astype(mx.float32) * scale
-    logits = q @ keys.astype(mx.float32).transpose(0, 1, 3, 2)  # (1, Hkv, rep, N)
-    if allowed is not None:
-        logits = mx.where(allowed, logits, -mx.inf)
-    probs = mx.softmax(logits, axis=-1)
-    return probs.mean(axis=(0, 1, 2))
-
-
 _HIDDEN = -1e30  # a logit no key can beat: a row seeing no key stays finite (uniform, not NaN)
 
 
@@ -89,7 +69,7 @@ def window_attention(
     return combine_heads(rows.mean(axis=0), heads)
 
 
-def pool_by_position(scores: mx.array, positions: mx.array, kernel: int, capacity: int):
+def pool_by_position(scores: mx.array, positions: mx.array, kernel: int, capacity: int) -> mx.array:
     """Each score averaged over the `kernel` positions centred on its own (absent positions count
     as zero; positions must be < capacity), so a span's tokens rank together."""
     if kernel == 1:

@@ -1,8 +1,10 @@
-"""The counters of one lazy request, which stats, benchmarks and the invariant tests read."""
+"""The counters of one lazy request, which stats, benchmarks and the invariant tests read, and
+the one mapping from them to the fields of a report (CLI, bench, eval, server)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -28,3 +30,14 @@ class LazyStats:
     @property
     def ideal_prefill_speedup(self) -> float:
         return 1.0 / self.prefill_fraction if self.prefill_token_layers else 1.0
+
+
+def lazy_fields(stats: LazyStats | None) -> dict[str, Any]:
+    """A request's LazyLLM figures by the names every report gives them; each None when no lazy
+    engine ran (the baseline). A report keeps the ones it shows."""
+    if stats is None:
+        return dict.fromkeys(_FIELDS)
+    return {name: getattr(stats, name) for name in _FIELDS}
+
+
+_FIELDS = ("prefill_fraction", "revived", "pruned", "aux_bytes", "prefill_tokens_per_layer")

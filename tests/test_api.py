@@ -2,7 +2,6 @@
 
 import math
 
-import lazyllm_mlx.engine as engine
 from lazyllm_mlx import (
     LazyConfig,
     LazyStats,
@@ -12,6 +11,8 @@ from lazyllm_mlx import (
     stream_generate,
 )
 from lazyllm_mlx._mlx_lm_private import model_from_config
+from lazyllm_mlx.instrument import Instrument, instrumented
+from lazyllm_mlx.lazy_steps import RequestSteps
 
 import pytest
 from tiny_models import random_prompt, tiny_model, tiny_tokenizer
@@ -84,19 +85,24 @@ def test_min_prompt_tokens_leaves_short_prompts_alone(model, tokenizer):
     assert long.lazy.prefill_fraction < 1.0 and long.lazy.pruned
 
 
-def test_decode_selection_shrinks_and_keeps_the_new_token(model, monkeypatch):
+def test_decode_selection_shrinks_and_keeps_the_new_token(model):
     seen = []
-    original = engine.select_and_revive
 
-    def spy(cache, k, flight, ranked, *rest):
-        flight_out, attend = original(cache, k, flight, ranked, *rest)
-        seen.append((k, ranked.n_candidates, attend.selected.tolist(), cache.offset))
-        return flight_out, attend
+    class Spy(Instrument):
+        def call(self, kind, cache, tokens, run):
+            self.kind, self.cache = kind, cache
+            return run()
 
-    monkeypatch.setattr(engine, "select_and_revive", spy)
+        def boundary(self, k, ranked, run):
+            flight_out, attend = run()
+            if self.kind == "decode":
+                seen.append((k, ranked.n_candidates, attend.selected.tolist(), self.cache.offset))
+            return flight_out, attend
+
     from lazyllm_mlx import generate_step
 
-    list(generate_step(random_prompt(90), model, lazy="paper", max_tokens=5))
+    with instrumented(Spy()):
+        list(generate_step(random_prompt(90), model, lazy="paper", max_tokens=5))
     assert seen
     keep = LazyConfig.preset("paper").keep
     for k, n_candidates, selected, offset in seen:
@@ -188,24 +194,24 @@ def test_random_selection_keeps_the_counts(model, tokenizer):
 @pytest.mark.parametrize(
     "lazy, ahead", [("paper", 0), ("paper;norevive", 1), ("none", 1), ("paper;every=3", 1)]
 )
-def test_first_token_is_handed_out_before_a_revival_decode_step(model, monkeypatch, lazy, ahead):
+def test_first_token_is_handed_out_before_a_revival_decode_step(model, lazy, ahead):
     """TTFT must not include the first decode step when that step waits on the host."""
     import importlib
 
     gen = importlib.import_module("lazyllm_mlx.generate")  # the package's `generate` is a function
 
     decode_calls = []
-    original = gen.lazy_forward
 
-    def spy(*args, decoding, **kwargs):
-        decode_calls.append(decoding)
-        return original(*args, decoding=decoding, **kwargs)
+    class Spy(Instrument):
+        def call(self, kind, cache, tokens, run):
+            decode_calls.append(kind == "decode")
+            return run()
 
-    monkeypatch.setattr(gen, "lazy_forward", spy)
-    steps = gen.generate_step(random_prompt(100), model, lazy=lazy, max_tokens=3)
-    next(steps)
-    assert sum(decode_calls) == ahead
-    list(steps)
+    with instrumented(Spy()):
+        steps = gen.generate_step(random_prompt(100), model, lazy=lazy, max_tokens=3)
+        next(steps)
+        assert sum(decode_calls) == ahead
+        list(steps)
     assert sum(decode_calls) == 3  # every yielded token is fed, as in mlx-lm
 
 
@@ -229,7 +235,8 @@ def test_steps_that_keep_their_selection_are_computed_ahead_without_changing_any
         return tokens, stats, cache
 
     ahead_tokens, ahead_stats, ahead_cache = run()
-    monkeypatch.setattr(gen, "decode_step_keeps_selection", lambda cache: False)
+    # every step after its token is handed out: only the order changes, not what is computed
+    monkeypatch.setattr(RequestSteps, "ahead", lambda steps: not steps.selections.selecting)
     tokens, stats, cache = run()
     assert ahead_tokens == tokens and len(tokens) == close_after
     assert ahead_cache.offset == cache.offset == prompt.size + close_after

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lazyllm_mlx import load, stream_generate
 from lazyllm_mlx.cli import main
-from lazyllm_mlx.prompt_cache import document_tokens, load_lazy_cache, query_tokens
+from lazyllm_mlx.document_cache import document_tokens, query_tokens
+from lazyllm_mlx.prompt_cache import load_lazy_cache
 
 import pytest
 from mlx_lm.utils import save_config, save_model
@@ -146,7 +147,7 @@ def test_the_file_keeps_the_adapter_and_end_token_for_the_next_turn(folder, caps
 
 
 def test_generate_stops_at_an_mlx_lm_cache_s_eos_token(folder, tmp_path):
-    from lazyllm_mlx.prompt_cache import cached_loading
+    from lazyllm_mlx.document_cache import cached_loading
 
     from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 

@@ -67,6 +67,17 @@ def test_the_fingerprint_ignores_the_load_dtype_but_not_the_weights(stored):
     assert fingerprint(quantized) != before
 
 
+def test_a_resolved_schedule_is_not_looked_up_again(folder, monkeypatch):
+    """stream_generate, the server and the CLI pass resolved schedules on: resolving one again
+    neither reads the store nor changes it."""
+    from lazyllm_mlx import calibration_store
+
+    model, _ = load(folder)
+    generic = for_model("default", model)
+    monkeypatch.setattr(calibration_store, "find", lambda model: pytest.fail("looked up again"))
+    assert for_model(generic, model) is generic
+
+
 def test_resolution_order_stored_with_the_model_then_the_store_then_shipped(folder, capsys):
     model, _ = load(folder)
     generic = for_model("default", model)

@@ -3,10 +3,11 @@
 from dataclasses import replace
 
 import lazyllm_mlx.boundary as boundary
-import lazyllm_mlx.engine as engine
+import lazyllm_mlx.stage_plan as stage_plan
 from lazyllm_mlx import LazyConfig, make_lazy_cache
-from lazyllm_mlx.engine import LazyStats, lazy_forward
+from lazyllm_mlx.engine import LazyStats, decode_step, prefill
 from lazyllm_mlx.families import family_of
+from lazyllm_mlx.runner import runner_for
 
 import mlx.core as mx
 import pytest
@@ -14,17 +15,18 @@ from reference_lazyllm import ReferenceLazyLLM
 from tiny_models import random_prompt, store_positions, tiny_model
 
 
-def prefill_and_decode_against(reference, family, cache, prompt, revive: bool) -> LazyStats:
+def prefill_and_decode_against(reference, runner, cache, prompt, revive: bool) -> LazyStats:
     """Chunked prefill then 8 greedy decode steps; logits and per-layer KV positions must match
     the reference after each call."""
-    stats = LazyStats(family.num_layers)
-    logits = lazy_forward(family, cache, prompt, stats, prune=True, decoding=False, step_size=16)
+    stats = LazyStats(runner.family.num_layers)
+    logits, selections = prefill(runner, cache, prompt, stats, step_size=16)
+    assert selections.selecting == revive  # decode steps select (revive) only with revival
     expected = reference.step(prompt.tolist())
     assert mx.abs(logits - expected).max().item() < 1e-4
     assert store_positions(cache) == [set(d) for d in reference.kv]
     for _ in range(8):
         token = mx.argmax(logits, axis=-1)
-        logits = lazy_forward(family, cache, token, stats, prune=revive, decoding=True)
+        logits = decode_step(runner, cache, token, stats, selections)
         expected = reference.step(token.tolist(), revive=revive, decoding=True)
         assert mx.abs(logits - expected).max().item() < 1e-4
         assert store_positions(cache) == [set(d) for d in reference.kv]
@@ -40,15 +42,15 @@ def test_engine_matches_reference(schedule, revive, variant, monkeypatch):
     """Both ways of attending to the selected tokens (a mask over the store, or gathered keys),
     and the final stage's last token as a chunk of its own whenever there are others."""
     if variant == "gathered":
-        monkeypatch.setattr(boundary, "_MASK_MAX_QUERIES", 0)
+        monkeypatch.setattr(boundary, "MASK_MAX_QUERIES", 0)
     if variant == "split":
-        monkeypatch.setattr(engine, "_SPLIT_MIN_TOKENS", 1)
+        monkeypatch.setattr(stage_plan, "SPLIT_MIN_TOKENS", 1)
     model = tiny_model("llama", num_hidden_layers=10)
     config = replace(LazyConfig.parse(schedule), revive=revive)
     cache = make_lazy_cache(model, config)
-    family = family_of(model)
     reference = ReferenceLazyLLM(model, cache.schedule)
-    stats = prefill_and_decode_against(reference, family, cache, random_prompt(40), revive)
+    runner = runner_for(model, cache.config)
+    stats = prefill_and_decode_against(reference, runner, cache, random_prompt(40), revive)
     assert stats.revived == reference.revived
     if revive and schedule != "4:0.3":
         assert stats.revived > 0, "the scenario should exercise revival"
@@ -80,14 +82,13 @@ def test_engine_matches_reference_with_the_general_rule(schedule, variant, monke
     """The engine's window scoring, pooling, forced tokens and budgets against the literal rule,
     through a chunked prefill and decode steps with revival."""
     if variant == "gathered":
-        monkeypatch.setattr(boundary, "_MASK_MAX_QUERIES", 0)
+        monkeypatch.setattr(boundary, "MASK_MAX_QUERIES", 0)
     model = tiny_model("llama", num_hidden_layers=10)
     config = LazyConfig.parse(schedule)
     cache = make_lazy_cache(model, config)
     reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
-    stats = prefill_and_decode_against(
-        reference, family_of(model), cache, random_prompt(40), revive=True
-    )
+    runner = runner_for(model, cache.config)
+    stats = prefill_and_decode_against(reference, runner, cache, random_prompt(40), revive=True)
     assert stats.revived == reference.revived
     assert cache.observed[1].size == config.window
 
@@ -101,7 +102,8 @@ def test_engine_matches_reference_with_sliding_windows(schedule):
     assert family.windows[:2] == [24, None]
     cache = make_lazy_cache(model, schedule)
     reference = ReferenceLazyLLM(model, cache.schedule, family.windows, cache.config)
-    stats = prefill_and_decode_against(reference, family, cache, random_prompt(60), revive=True)
+    runner = runner_for(model, cache.config)
+    stats = prefill_and_decode_against(reference, runner, cache, random_prompt(60), revive=True)
     assert stats.revived == reference.revived > 0
 
 
@@ -110,8 +112,9 @@ def test_a_decode_step_runs_each_layer_once():
     model = tiny_model("llama", num_hidden_layers=10)
     family = family_of(model)
     cache = make_lazy_cache(model, "paper")
+    runner = runner_for(model, cache.config)
     stats = LazyStats(family.num_layers)
-    logits = lazy_forward(family, cache, random_prompt(40), stats, prune=True, decoding=False)
+    logits, selections = prefill(runner, cache, random_prompt(40), stats)
     calls = [0] * family.num_layers
 
     def counted(i, block):
@@ -124,7 +127,7 @@ def test_a_decode_step_runs_each_layer_once():
     family.layers[:] = [counted(i, block) for i, block in enumerate(family.layers)]
     for _ in range(4):
         token = mx.argmax(logits, axis=-1)
-        logits = lazy_forward(family, cache, token, stats, prune=True, decoding=True)
+        logits = decode_step(runner, cache, token, stats, selections)
     assert stats.revived > 0 and calls == [4] * family.num_layers
 
 
@@ -146,13 +149,14 @@ def test_options_that_revive_fewer_tokens(rule, option):
     """The same prompt revives (and computes) fewer tokens than with LazyLLM's rule, and the
     reference agrees step by step."""
     model = tiny_model("llama", num_hidden_layers=10)
-    family, prompt = family_of(model), random_prompt(40)
+    prompt = random_prompt(40)
     revived = {}
     for extra in ("", option):
         config = LazyConfig.parse(rule + extra)
         cache = make_lazy_cache(model, config)
         reference = ReferenceLazyLLM(model, cache.schedule, rule=config)
-        stats = prefill_and_decode_against(reference, family, cache, prompt, revive=True)
+        runner = runner_for(model, cache.config)
+        stats = prefill_and_decode_against(reference, runner, cache, prompt, revive=True)
         revived[extra] = (stats.revived, stats.decode_token_layers)
     assert revived[""][0] > revived[option][0]
     assert revived[""][1] > revived[option][1]

@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 
 from lazyllm_mlx import LazyConfig, generate_step, make_lazy_cache
-from lazyllm_mlx.engine import LazyStats, lazy_forward
+from lazyllm_mlx.engine import LazyStats, decode_step, prefill
 from lazyllm_mlx.families import SUPPORTED, check_supported, family_of
+from lazyllm_mlx.runner import runner_for
 
 import mlx.core as mx
 import numpy as np
@@ -76,9 +77,8 @@ def test_last_logits_match_mlx_lm(family, lazy, step_size):
     expected = model(prompt[None])[:, -1, :]
     cache = make_lazy_cache(model, lazy)
     stats = LazyStats(len(model.layers))
-    got = lazy_forward(
-        family_of(model), cache, prompt, stats, prune=True, decoding=False, step_size=step_size
-    )
+    runner = runner_for(model, cache.config)
+    got, _ = prefill(runner, cache, prompt, stats, step_size=step_size)
     assert mx.abs(got - expected).max().item() < 1e-4
     assert stats.prefill_fraction == 1.0
 
@@ -95,13 +95,13 @@ def test_decode_logits_match_mlx_lm_step_by_step(family):
     expected = model(prompt[None], cache=mlx_cache)[:, -1, :]
     cache = make_lazy_cache(model, NOTHING_PRUNED["keep-all"])
     stats = LazyStats(len(model.layers))
-    handles = family_of(model)
-    got = lazy_forward(handles, cache, prompt, stats, prune=True, decoding=False)
+    runner = runner_for(model, cache.config)
+    got, selections = prefill(runner, cache, prompt, stats)
     for _ in range(10):
         assert mx.abs(got - expected).max().item() < 1e-4
         token = mx.argmax(expected, axis=-1)
         expected = model(token[None], cache=mlx_cache)[:, -1, :]
-        got = lazy_forward(handles, cache, token, stats, prune=True, decoding=True)
+        got = decode_step(runner, cache, token, stats, selections)
     assert stats.revived == 0
 
 
@@ -123,9 +123,8 @@ def test_pruned_prefill_matches_a_position_oracle(family, schedule, step_size):
     prompt = random_prompt(PROMPT)
     cache = make_lazy_cache(model, schedule)
     stats = LazyStats(len(model.layers))
-    got = lazy_forward(
-        family_of(model), cache, prompt, stats, prune=True, decoding=False, step_size=step_size
-    )
+    runner = runner_for(model, cache.config)
+    got, _ = prefill(runner, cache, prompt, stats, step_size=step_size)
     stage_positions = [np.array(s.positions[: s.size]) for s in cache.stages]
     assert [len(p) for p in stage_positions] == cache.schedule.present_counts(PROMPT)
     assert all(p[-1] == PROMPT - 1 for p in stage_positions), "the last token is always kept"

@@ -1,9 +1,9 @@
 """A later boundary's kept weights against the masked softmax recomputed from scratch."""
 
 import lazyllm_mlx  # noqa: F401
-from lazyllm_mlx.cache import ObservedQueries
 from lazyllm_mlx.kept_weights import KeptWeights
 from lazyllm_mlx.pruning import window_probabilities
+from lazyllm_mlx.stores import ObservedQueries
 
 import mlx.core as mx
 import numpy as np

@@ -172,3 +172,19 @@ def test_a_lazy_cache_speaks_mlx_lm_cache_protocol(model):
     assert held > kv > 0, "pruned tokens wait in the aux caches, queries in the windows"
     assert can_trim_prompt_cache([cache]) and trim_prompt_cache([cache], 5) == 5
     assert cache.size() == TURNS[0].size + 7 and cache.kv_bytes() < kv and cache.nbytes < held
+
+
+def test_a_lazy_cache_rebuilt_from_its_state_continues_alike(model):
+    """state and meta_state describe the cache whole: from_state gives one that generates the
+    same tokens; empty() says whether it holds any token, as mlx-lm's caches do."""
+    from lazyllm_mlx import LazyCache
+    from lazyllm_mlx.families import family_of
+
+    lazy = "paper;w=4"
+    cache = make_lazy_cache(model, lazy)
+    assert cache.empty() is True
+    converse(model, lazy, cache, TURNS[:1])
+    assert cache.empty() is False
+    copy = LazyCache.from_state(cache.state, cache.meta_state, family_of(model).windows)
+    assert copy.offset == cache.offset and copy.nbytes == cache.nbytes
+    assert converse(model, lazy, copy, TURNS[1:2]) == converse(model, lazy, cache, TURNS[1:2])

@@ -5,7 +5,7 @@ import json
 import lazyllm_mlx  # noqa: F401
 from lazyllm_mlx import LazyConfig, make_lazy_cache
 from lazyllm_mlx.cli import main
-from lazyllm_mlx.engine import LazyStats, lazy_forward
+from lazyllm_mlx.engine import LazyStats, prefill
 from lazyllm_mlx.evals.probe import (
     answer_positions,
     layer_scores,
@@ -15,6 +15,7 @@ from lazyllm_mlx.evals.probe import (
 )
 from lazyllm_mlx.evals.tasks import build_tasks
 from lazyllm_mlx.families import family_of
+from lazyllm_mlx.runner import runner_for
 
 import mlx.core as mx
 import numpy as np
@@ -37,8 +38,7 @@ def test_the_probe_keeps_what_the_engines_first_boundary_keeps(family, schedule)
     cache = make_lazy_cache(model, config)
     tokens = random_prompt(48)
     fam = family_of(model)
-    lazy_forward(fam, cache, tokens, LazyStats(fam.num_layers), prune=True, decoding=False,
-                 step_size=16)  # fmt: skip
+    prefill(runner_for(model, cache.config), cache, tokens, LazyStats(fam.num_layers), step_size=16)
     kept_by_engine = set(np.array(cache.stages[1].positions[: cache.stages[1].size]).tolist())
 
     boundary, keep = cache.schedule.boundaries[0], cache.schedule.keep[0]

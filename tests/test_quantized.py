@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 
 from lazyllm_mlx import generate_step, make_lazy_cache
-from lazyllm_mlx.engine import LazyStats, lazy_forward
-from lazyllm_mlx.families import family_of
+from lazyllm_mlx.engine import LazyStats, prefill
+from lazyllm_mlx.runner import runner_for
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,15 +70,8 @@ def test_quantized_families_give_mlx_lm_tokens_and_logits(family, lazy):
     for step_size in (2048, 16):
         cache = make_lazy_cache(model, lazy)
         stats = LazyStats(len(model.layers))
-        logits = lazy_forward(
-            family_of(model),
-            cache,
-            prompt,
-            stats,
-            prune=True,
-            decoding=False,
-            step_size=step_size,
-        )
+        runner = runner_for(model, cache.config)
+        logits, _ = prefill(runner, cache, prompt, stats, step_size=step_size)
         assert mx.abs(logits - model(prompt[None])[:, -1, :]).max().item() < 1e-4
 
 

@@ -3,8 +3,12 @@
 import importlib.util
 from pathlib import Path
 
+from lazyllm_mlx import LazyConfig, instrument
+from lazyllm_mlx.config import as_config
+
 import mlx.core as mx
 import pytest
+from tiny_models import random_prompt, tiny_model
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
@@ -14,6 +18,54 @@ def tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_timed_steps_counts_deferred_work_only_with_revival():
+    profile = tool("profile_decode")
+    model = tiny_model("llama")
+    layers = len(model.layers)
+    prompt = random_prompt(64)
+    schedule = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0)
+    norevive = as_config(schedule.to_string() + ";norevive")
+
+    _, times, computed = profile.timed_steps(model, prompt, None, 6)
+    assert len(times) == 5 and computed == [0] * 5  # the baseline keeps no lazy counters
+    _, times, computed = profile.timed_steps(model, prompt, norevive, 6)
+    assert len(times) == 5 and computed == [layers] * 5  # the new token, every layer, nothing else
+    _, times, computed = profile.timed_steps(model, prompt, schedule, 6)
+    assert len(times) == 5 and all(c >= layers for c in computed)
+    assert sum(computed) > 5 * layers  # decoding revived pruned tokens
+    costs = profile.layer_row_costs(model, rows=(1, 3), repeats=2)
+    assert list(costs) == [1, 3] and all(c > 0 for c in costs.values())
+    attention = profile.attention_row_costs(model, 40, rows=(1, 3), repeats=2)
+    assert list(attention) == [1, 3] and all(a > 0 and s > 0 for a, s in attention.values())
+
+
+def test_stage_breakdown_counts_the_tokens_each_stage_computes():
+    profile = tool("profile_decode")
+    model = tiny_model("llama")
+    prompt = random_prompt(64)
+    schedule = LazyConfig(boundaries=(0.5,), keep=(0.5,), min_prompt_tokens=0)
+    rows = profile.stage_breakdown(model, prompt, schedule, 8)
+    assert [(r["stage"], r["layers"]) for r in rows] == [(0, 5), (1, 5)]
+    assert rows[0]["tokens"] == 1 and rows[0]["selection_ms"] == 0.0
+    assert rows[1]["tokens"] >= 1 and rows[1]["selection_ms"] > 0
+    assert all(r["stage_ms"] > 0 for r in rows)
+    assert not isinstance(instrument.active(), profile.StageTimes)  # restored
+    rows = profile.stage_breakdown(model, prompt, as_config("0.5:0.5;min=0;norevive"), 8)
+    assert [r["tokens"] for r in rows] == [1, 1] and rows[1]["selection_ms"] == 0.0
+
+
+def test_least_squares_slope_and_step_groups():
+    profile = tool("profile_decode")
+    assert profile.least_squares_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
+    assert profile.least_squares_slope([2, 2], [1, 5]) == 0.0
+    groups = profile.by_deferred([5, 15, 15, 200], [0.1, 0.2, 0.4, 1.0])
+    assert groups == [
+        ("0-10", 1, 0.1, 5),
+        ("11-20", 2, pytest.approx(0.3), 15),
+        (">100", 1, 1.0, 200),
+    ]
 
 
 def test_benchmarks_md_tables():

@@ -4,8 +4,8 @@ refuses to go where the dropped keys would be needed."""
 
 from __future__ import annotations
 
-from lazyllm_mlx import cache as cache_module
 from lazyllm_mlx import generate_step, make_lazy_cache
+from lazyllm_mlx import stores as stores_module
 from lazyllm_mlx.families import family_of
 from lazyllm_mlx.prompt_cache import load_lazy_cache, save_lazy_cache
 from lazyllm_mlx.pruning import scoring_layer
@@ -21,8 +21,8 @@ FAMILIES = ["gemma3_text", "llama_sliding"]
 
 @pytest.fixture(autouse=True)
 def small_slack(monkeypatch):
-    monkeypatch.setattr(cache_module, "TRIM_SLACK", SLACK)
-    monkeypatch.setattr(cache_module, "_STEP", STEP)
+    monkeypatch.setattr(stores_module, "TRIM_SLACK", SLACK)
+    monkeypatch.setattr(stores_module, "STEP", STEP)
 
 
 def run(model, prompt, lazy, cache=None, max_tokens=24, step=32):
@@ -72,7 +72,7 @@ def test_pruned_generation_is_the_same_with_or_without_dropping(family, monkeypa
     cache = make_lazy_cache(model, "paper")
     dropping = run(model, prompt, "paper", cache)
     assert dropped_layers(model, cache)
-    monkeypatch.setattr(cache_module, "TRIM_SLACK", 10_000)
+    monkeypatch.setattr(stores_module, "TRIM_SLACK", 10_000)
     keeping = make_lazy_cache(model, "paper")
     assert run(model, prompt, "paper", keeping) == dropping
     assert not dropped_layers(model, keeping)

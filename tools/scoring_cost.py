@@ -19,7 +19,6 @@ import time
 
 import lazyllm_mlx  # noqa: F401  (before mlx: OpenBLAS preload)
 from lazyllm_mlx import load
-from lazyllm_mlx.cache import ObservedQueries
 from lazyllm_mlx.evals.measure import generate_once, warm_up
 from lazyllm_mlx.evals.sources import real_text_tokens
 from lazyllm_mlx.families import family_of
@@ -27,6 +26,7 @@ from lazyllm_mlx.generate import for_model
 from lazyllm_mlx.kept_weights import KeptWeights
 from lazyllm_mlx.output_files import write_json
 from lazyllm_mlx.pruning import pool_by_position, select_top, window_attention, window_probabilities
+from lazyllm_mlx.stores import ObservedQueries
 
 import mlx.core as mx
 

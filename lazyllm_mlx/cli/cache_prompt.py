@@ -14,9 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..engine import LazyStats
+from ..document_cache import document_tokens, save_document_cache
 from ..generate import check_request, generate_step, make_lazy_cache, resolve_schedule
-from ..prompt_cache import document_tokens, save_document_cache
+from ..stats import LazyStats
 from .common import (
     KV_CACHE_REASON,
     add_chat_template_arguments,

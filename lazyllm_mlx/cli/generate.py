@@ -16,12 +16,13 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
 from .._platform import warn_if_quantized_on_cpu
+from ..cache import per_layer
 from ..config import LazyConfig
+from ..document_cache import cached_loading, check_plain, continue_from_file
 from ..evals.measure import generate_once, warm_up
 from ..evals.scores import prefix_fraction
 from ..generate import resolve_schedule
 from ..loading import load
-from ..prompt_cache import cached_loading, check_plain, continue_from_file
 from .common import (
     KV_CACHE_REASON,
     SPECULATIVE_REASON,
@@ -198,25 +199,23 @@ def run_once(
     )
     if echo:
         print()
-    last, stats = run.last, run.last.lazy
+    record = run.record()
     return dict(
         schedule=lazy.to_string() if lazy is not None else "baseline",
         preset=lazy.name if lazy is not None else None,
         source=lazy.source if lazy is not None else None,
         text=run.text,
         tokens=run.generated_tokens,  # the EOS token is reported, not generated text
-        ttft=last.ttft,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        generation_tps=last.generation_tps,
-        peak_memory_gb=last.peak_memory,
-        finish_reason=last.finish_reason,
-        total_time=run.total_time,
-        prefill_fraction=stats.prefill_fraction if stats else None,
-        revived=stats.revived if stats else None,
-        aux_bytes=stats.aux_bytes if stats else None,
-        prefill_tokens_per_layer=stats.prefill_tokens_per_layer if stats else None,
+        **{name: record[name] for name in _RECORDED},
     )
+
+
+# What `generate --compare` reports of each run, in this order.
+_RECORDED = (
+    "ttft", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory_gb",
+    "finish_reason", "total_time", "prefill_fraction", "revived", "aux_bytes",
+    "prefill_tokens_per_layer",
+)  # fmt: skip
 
 
 def agreement(a: list[int], b: list[int]) -> dict[str, Any]:
@@ -331,8 +330,7 @@ def run(args: argparse.Namespace) -> int:
     echo = args.verbose and not args.json and not args.compare
     report: dict[str, Any] = dict(model=model_label(args.model))
     report["prompt_tokens"] = len(tokens)
-    held = cache[0] if isinstance(cache, list) else cache  # mlx-lm's caches: one per layer
-    report["cached_tokens"] = held.offset if held is not None else 0
+    report["cached_tokens"] = per_layer(cache)[0].offset if cache is not None else 0
     if args.compare:
         if lazy is None:
             raise ValueError("--compare needs a LazyLLM schedule, not 'off'.")

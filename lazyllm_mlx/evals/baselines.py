@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..fingerprint import model_fingerprint
 from ..output_files import write_atomically
-from ..prompt_cache import model_fingerprint
 from .tasks import Task
 
 

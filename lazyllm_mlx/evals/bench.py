@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import mlx.nn as nn
@@ -26,12 +26,12 @@ SHORT_ANSWER = 16
 @dataclass
 class Run:
     ttft: float
-    total: float  # seconds from the call to the last generated token
+    total_time: float  # seconds from the call to the last generated token
     prompt_tps: float
     generation_tps: float
-    peak_memory: float
+    peak_memory_gb: float
     prefill_fraction: float | None
-    tokens_per_layer: list[int] | None
+    prefill_tokens_per_layer: list[int] | None
     token_times: list[float] = field(default_factory=list)  # seconds from the call, per token
 
     @property
@@ -63,29 +63,29 @@ class Cell:
             method=self.method,
             runs=len(self.runs),
             ttft=self.median("ttft"),
-            total_time=self.median("total"),
+            total_time=self.median("total_time"),
             prompt_tps=self.median("prompt_tps"),
             generation_tps=self.median("generation_tps"),
             generated_tokens=len(self.runs[0].token_times),
             short_decode_tps=self.median("short_decode_tps"),
             short_total_time=self.median("short_total"),
-            peak_memory_gb=self.median("peak_memory"),
+            peak_memory_gb=self.median("peak_memory_gb"),
             prefill_fraction=self.runs[0].prefill_fraction,
         )
         if baseline is not None:
             out["speedup"] = baseline.median("ttft") / out["ttft"]
-            out["total_speedup"] = baseline.median("total") / out["total_time"]
+            out["total_speedup"] = baseline.median("total_time") / out["total_time"]
             out["short_total_speedup"] = baseline.median("short_total") / out["short_total_time"]
             out["decode_vs_baseline"] = out["generation_tps"] / baseline.median("generation_tps")
             out["short_decode_vs_baseline"] = out["short_decode_tps"] / baseline.median(
                 "short_decode_tps"
             )
-            out["memory_vs_baseline"] = out["peak_memory_gb"] / baseline.median("peak_memory")
+            out["memory_vs_baseline"] = out["peak_memory_gb"] / baseline.median("peak_memory_gb")
         if self.runs[0].prefill_fraction:
             out["ideal_speedup"] = 1.0 / self.runs[0].prefill_fraction
             if "speedup" in out:
                 out["measured_over_ideal"] = out["speedup"] / out["ideal_speedup"]
-        out["tokens_per_layer"] = self.runs[0].tokens_per_layer
+        out["tokens_per_layer"] = self.runs[0].prefill_tokens_per_layer
         return out
 
 
@@ -100,17 +100,9 @@ def measure(
     run = generate_once(
         model, tokenizer, tokens, lazy, max_tokens=max_tokens, prefill_step_size=prefill_step_size
     )
-    last, stats = run.last, run.last.lazy
-    return Run(
-        ttft=last.ttft,
-        total=run.total_time,
-        prompt_tps=last.prompt_tps,
-        generation_tps=last.generation_tps,
-        peak_memory=last.peak_memory,
-        prefill_fraction=stats.prefill_fraction if stats else None,
-        tokens_per_layer=stats.prefill_tokens_per_layer if stats else None,
-        token_times=run.token_times,
-    )
+    record = run.record()
+    kept = {f.name: record[f.name] for f in fields(Run) if f.name != "token_times"}
+    return Run(**kept, token_times=run.token_times)
 
 
 def run_bench(

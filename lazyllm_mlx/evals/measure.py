@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import LazyConfig
 from ..generate import GenerationResponse, stream_generate
+from ..stats import lazy_fields
 
 # A warm-up prompt this long is pruned by the presets too (they leave prompts under 256 alone).
 WARM_UP_TOKENS = 320
@@ -37,6 +38,21 @@ class Generated:
     def total_time(self) -> float:
         """Seconds from the call to the last response."""
         return self.token_times[-1]
+
+    def record(self) -> dict[str, Any]:
+        """The run's figures by the names the reports give them (LazyLLM's None for the
+        baseline): what `generate --compare`, `bench` and `eval` keep of a run."""
+        last = self.last
+        return dict(
+            ttft=last.ttft,
+            prompt_tps=last.prompt_tps,
+            generation_tokens=last.generation_tokens,
+            generation_tps=last.generation_tps,
+            peak_memory_gb=last.peak_memory,
+            finish_reason=last.finish_reason,
+            total_time=self.total_time,
+            **lazy_fields(last.lazy),
+        )
 
 
 def generate_once(

@@ -26,7 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from ..config import LazyConfig
 from ..families import family_of
 from ..pruning import combine_heads, pool_by_position, window_probabilities
-from ..rope import Recorder
+from ..rope import capturing
 from .tasks import Task, build_tasks
 
 PROBE_TASKS = ("passkey", "kv", "mdqa")  # tasks whose answer is a span of the prompt
@@ -60,20 +60,14 @@ def layer_scores(
     keys: dict[int, list[mx.array]] = {i: [] for i in full}
     queries: dict[int, mx.array | None] = {i: None for i in full}
     cache = make_prompt_cache(model)
-    try:
-        for c0 in range(0, n, step_size):
-            for i in full:
-                family.ropes[i].recorder = Recorder()
+    for c0 in range(0, n, step_size):
+        with capturing([family.ropes[i] for i in full]) as captured:
             model(mx.array(tokens[c0 : c0 + step_size])[None], cache=cache)
-            for i in full:
-                q, k = family.ropes[i].recorder.outputs[:2]
-                keys[i].append(k)
-                held = q if queries[i] is None else mx.concatenate([queries[i], q], axis=2)
-                queries[i] = held[..., -width:, :]
-            mx.eval(*(k[-1] for k in keys.values()), *queries.values())
-    finally:
-        for rope in family.ropes:
-            rope.recorder = None
+        for i, (q, k) in zip(full, (outputs[:2] for outputs in captured)):
+            keys[i].append(k)
+            held = q if queries[i] is None else mx.concatenate([queries[i], q], axis=2)
+            queries[i] = held[..., -width:, :]
+        mx.eval(*(k[-1] for k in keys.values()), *queries.values())
     positions = mx.arange(n, dtype=mx.int32)
     scores: list[dict[int, mx.array]] = [{} for _ in rules]
     for i in full:

@@ -129,9 +129,10 @@ def run_once(model: Any, tokenizer: Any, task: Task, method: Method) -> Outcome:
     run = generate_once(
         model, tokenizer, task.tokens, method.lazy, max_tokens=task.max_tokens, first_logprobs=True
     )
-    stats = run.last.lazy
-    fraction = stats.prefill_fraction if stats is not None else 1.0
-    return Outcome(run.tokens, run.text, run.last.ttft, run.first_logprobs, fraction)
+    record = run.record()
+    fraction = record["prefill_fraction"]  # None for the baseline, which computes everything
+    fraction = 1.0 if fraction is None else fraction
+    return Outcome(run.tokens, run.text, record["ttft"], run.first_logprobs, fraction)
 
 
 def _record(task: Task, outcome: Outcome, base: Outcome) -> dict[str, Any]:

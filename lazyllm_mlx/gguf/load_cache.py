@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..default_model import default_cache_dir
+from ..safetensors_file import check_safetensors
 
 VERSION = 1  # raise when what load_gguf builds from the same file changes
 _SAMPLE = 1 << 20
@@ -78,8 +79,6 @@ def load(path: Path, options: dict[str, Any]) -> dict[str, mx.array] | None:
     try:
         if json.loads((place / _SOURCE).read_text()) != source:
             raise ValueError("its source record differs")
-        from ..loading import check_safetensors
-
         check_safetensors(weights_file)
         weights = mx.load(str(weights_file))
         # Read now: a lazy load belongs to this thread's stream, and the model may run in

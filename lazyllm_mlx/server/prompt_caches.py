@@ -24,28 +24,24 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-
-def _per_layer(cache: Any) -> list:
-    """mlx-lm's prompt cache is a list of per-layer caches; a LazyCache is one for all layers.
-    Either way each speaks mlx-lm's cache protocol (offset, is_trimmable, trim, state)."""
-    return cache if isinstance(cache, list) else [cache]
+from ..cache import per_layer
 
 
 def cache_nbytes(cache: Any) -> int:
     """Bytes held by a LazyCache or an mlx-lm list cache."""
-    return sum(c.nbytes for c in _per_layer(cache))
+    return sum(c.nbytes for c in per_layer(cache))
 
 
 def cache_offset(cache: Any) -> int:
     """Tokens held by a LazyCache or an mlx-lm list cache."""
-    return _per_layer(cache)[0].offset
+    return per_layer(cache)[0].offset
 
 
 def trim_cache(cache: Any, num_tokens: int) -> bool:
     """Forget the last `num_tokens` tokens; False when the cache cannot be trimmed."""
     if num_tokens <= 0:
         return True
-    layers = _per_layer(cache)
+    layers = per_layer(cache)
     return can_trim_prompt_cache(layers) and trim_prompt_cache(layers, num_tokens) == num_tokens
 
 
@@ -120,5 +116,5 @@ class PromptCaches:
 
 def settle(cache: Any) -> None:
     """Evaluate pending cache writes: the next request may run on another thread."""
-    state = [c.state for c in _per_layer(cache)]
+    state = [c.state for c in per_layer(cache)]
     mx.eval([a for _, a in tree_flatten(state) if isinstance(a, mx.array)])

@@ -21,7 +21,6 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.server import convert_chat
 
 from ..config import LazyConfig
-from ..engine import LazyStats
 from ..generate import (
     GenerationResponse,
     context_length,
@@ -30,6 +29,7 @@ from ..generate import (
     make_lazy_cache,
     stream_generate,
 )
+from ..stats import LazyStats, lazy_fields
 from .prompt_caches import PromptCaches, settle
 from .protocol import SERVER_DEFAULT, CompletionRequest, RequestError
 
@@ -61,15 +61,13 @@ class Finish:
 
     def lazyllm(self) -> dict[str, Any]:
         """Our non-standard response field; prefill figures cover this request's new tokens."""
-        stats = self.stats
+        figures = lazy_fields(self.stats)
         return {
             "schedule": self.schedule,
             "ttft": self.ttft,
             "reused_tokens": self.reused_tokens,
             "prefilled_tokens": self.prompt_tokens - self.reused_tokens,
-            "prefill_fraction": stats.prefill_fraction if stats else None,
-            "revived": stats.revived if stats else None,
-            "pruned": stats.pruned if stats else None,
+            **{name: figures[name] for name in ("prefill_fraction", "revived", "pruned")},
         }
 
 
