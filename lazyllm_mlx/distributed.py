@@ -11,6 +11,7 @@ Pipeline parallel and distributed serving are refused (see the messages below).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # Commands that run under `mlx.launch`; the others refuse with one line.
 DISTRIBUTED_COMMANDS = ("generate",)
@@ -73,32 +75,69 @@ def reduce_scores(scores: mx.array, heads: str, block: nn.Module) -> mx.array:
     return mx.distributed.all_sum(scores, group=group) / group.size()
 
 
-def _sizes_to_divide(args: Any) -> dict[str, int]:
-    heads = getattr(args, "num_attention_heads", None)
+def _sizes_to_divide(args: Any) -> dict[str, int | None]:
+    get = args.get if isinstance(args, dict) else lambda key: getattr(args, key, None)
+    heads = get("num_attention_heads")
     return {
         "query heads": heads,
-        "key-value heads": getattr(args, "num_key_value_heads", None) or heads,
-        "MLP width": getattr(args, "intermediate_size", None),
+        "key-value heads": get("num_key_value_heads") or heads,
+        "MLP width": get("intermediate_size"),
     }
 
 
-def check_shardable(model: nn.Module, group: mx.distributed.Group) -> None:
-    """Raise a one-line ValueError where mlx-lm's tensor sharding of `model` over `group` cannot
-    give every rank an equal slice of heads (checked before any weight is sharded)."""
-    from .families import model_type_of
-
-    model_type, size = model_type_of(model), group.size()
-    if not hasattr(model, "shard"):
+def _check_split(model_type: str, shards: bool, args: Any, size: int) -> None:
+    if not shards:
         raise Refused(
             f"model type {model_type!r} has no tensor-parallel sharding in mlx-lm, so it cannot "
             f"be split over {size} processes; run it in one process"
         )
-    for what, count in _sizes_to_divide(getattr(model, "args", None)).items():
-        if count is not None and count % size:
+    for what, count in _sizes_to_divide(args).items():
+        if isinstance(count, int) and count % size:
             raise Refused(
                 f"the model's {count} {what} cannot be split evenly over {size} processes; "
                 f"launch a number of processes that divides {count}"
             )
+
+
+def check_shardable(model: nn.Module, group: mx.distributed.Group) -> None:
+    """Raise a one-line Refused where mlx-lm's tensor sharding of `model` over `group` cannot
+    give every rank an equal slice of heads (checked before any weight is sharded)."""
+    from .families import model_type_of
+
+    args = getattr(model, "args", None)
+    _check_split(model_type_of(model), hasattr(model, "shard"), args, group.size())
+
+
+def source_config(source: str | Path | None) -> dict[str, Any] | None:
+    """The config of a model folder or GGUF file, read without its weights; None for a hub id
+    or what cannot be read (loading then says what is wrong)."""
+    from .default_model import default_model_path
+    from .gguf.loader import gguf_to_config
+    from .gguf.reader import read_header, read_tensor
+
+    path = Path(default_model_path() if source is None else source).expanduser()
+    try:
+        if path.is_dir():
+            return json.loads((path / "config.json").read_text(encoding="utf-8"))
+        header = read_header(path)
+        data = np.memmap(header.path, np.uint8, mode="r")
+        return gguf_to_config(header, lambda info: read_tensor(data, info))
+    except Exception:  # noqa: BLE001  (any unreadable source: load_source explains it)
+        return None
+
+
+def check_source(source: str | Path | None, group: mx.distributed.Group) -> None:
+    """check_shardable from the config alone: refuses before a weight is read."""
+    from ._mlx_lm_private import model_class
+
+    config = source_config(source)
+    if config is None or group.size() == 1:
+        return
+    try:
+        shards = hasattr(model_class(config), "shard")
+    except ValueError:
+        return  # a family mlx-lm lacks: loading says so
+    _check_split(str(config.get("model_type")), shards, config, group.size())
 
 
 def shard(model: nn.Module, group: mx.distributed.Group | None = None) -> nn.Module:
@@ -129,6 +168,7 @@ def load_sharded(
     if pipeline_group is not None:
         raise Refused(PIPELINE_REASON)
     group = group or world()
+    check_source(path_or_hf_repo, group)
     model, tokenizer, config, _ = load_source(
         path_or_hf_repo, dtype or default_dtype(), lazy=True, **load_options
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import lazyllm_mlx
 from lazyllm_mlx import distributed
+from lazyllm_mlx.cli import main
 
 import mlx.core as mx
 import pytest
@@ -67,12 +69,23 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def launch(*command: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    """Two local ranks over the ring backend, importing this worktree's code."""
+def launch(*command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Two local ranks over the ring backend, importing this worktree's code. The timeout only
+    catches a hang (the machine may be loaded); then the launcher and both ranks are killed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(WORKER.parent)])}
     argv = [LAUNCHER, "-n", "2", "--backend", "ring"]
     argv += ["--starting-port", str(free_port_pair()), "--", sys.executable, *command]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: the ranks go with it on a timeout
+    ) as process:  # fmt: skip
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            pytest.fail(f"the launch hung for {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
 
 
 def ranks(out: Path) -> tuple[dict, dict]:
@@ -105,11 +118,27 @@ def test_two_ranks_select_alike_and_match_one_process(folders, tmp_path):
 
 @launched
 def test_a_rank_that_dies_ends_the_run_with_a_message(folders, tmp_path):
-    done = launch(str(WORKER), str(tmp_path), str(folders["llama"]), "--die-rank=1", timeout=60)
+    done = launch(str(WORKER), str(tmp_path), str(folders["llama"]), "--die-rank=1", timeout=120)
     assert "rank 1: exiting early on purpose" in done.stderr
     # Rank 0, waiting in a collective, fails at once instead of hanging (or the launcher stops it).
     assert "connection to a peer was lost" in done.stderr or "rank 0 was killed" in done.stderr
     assert not (tmp_path / "rank0.json").exists()
+
+
+@launched
+def test_cli_generate_compare_prints_once_and_matches_one_process(folders, capsys):
+    folder = str(folders["qwen3"])
+    argv = ["generate", "--model", folder, "-p", " ".join(f"t{i % 97 + 1}" for i in range(300))]
+    argv += ["--max-tokens", "6", "--json", "--compare", "--schedule", SCHEDULES[1]]
+    done = launch("-m", "lazyllm_mlx.cli", *argv)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, done.stdout + done.stderr  # rank 0 prints, rank 1 follows silently
+    sharded = json.loads(lines[0])
+    assert main(argv) == 0
+    alone = json.loads(capsys.readouterr().out)
+    for run in ("baseline", "lazy"):
+        assert sharded["runs"][run]["tokens"] == alone["runs"][run]["tokens"]
+    assert sharded["runs"]["lazy"]["prefill_fraction"] < 1.0
 
 
 class Group:
@@ -149,9 +178,52 @@ def test_models_that_cannot_be_split_are_refused_before_sharding(family, overrid
     distributed.check_shardable(tiny_model("llama"), Group(2))  # 4 / 2 heads, MLP 128
 
 
+def test_sources_that_cannot_be_split_are_refused_before_loading(tmp_path, monkeypatch):
+    """From config.json (or a GGUF header) alone: no weight is read."""
+    gemma = write_folder(tmp_path / "gemma", "gemma3_text")
+    monkeypatch.setattr("lazyllm_mlx.loading.load_source", pytest.fail)
+    with pytest.raises(distributed.Refused, match="'gemma3_text' has no tensor-parallel"):
+        distributed.load_sharded(gemma, Group(2))
+    llama = write_folder(tmp_path / "llama", "llama")
+    with pytest.raises(distributed.Refused, match="4 query heads cannot be split evenly over 3"):
+        distributed.load_sharded(llama, Group(3))
+
+
+def test_the_default_model_splits_over_three_processes_not_two():
+    """SmolLM2-135M has 9 query and 3 KV heads (read from its GGUF header, no weights)."""
+    with pytest.raises(distributed.Refused, match="9 query heads cannot be split evenly over 2"):
+        distributed.check_source(None, Group(2))
+    distributed.check_source(None, Group(3))
+
+
 def test_pipeline_parallel_is_refused():
     with pytest.raises(distributed.Refused, match="pipeline parallel is not supported"):
         distributed.load_sharded("unused", pipeline_group=Group(2))
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["serve"], "`serve` does not run distributed yet"),
+        (["bench"], "`bench` does not run under mlx.launch"),
+        (["generate", "--adapter-path", "a"], "--adapter-path is not supported distributed"),
+        (["generate", "--prompt-cache-file", "c"], "--prompt-cache-file is not supported"),
+    ],
+)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_launched_commands_are_refused_once_by_rank_0(monkeypatch, capsys, argv, says, rank):
+    monkeypatch.setattr(distributed, "is_launched", lambda: True)
+    monkeypatch.setattr(distributed, "world", lambda: Group(2, rank))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (says in err and err.count("\n") == 1) if rank == 0 else err == ""
+
+
+def test_an_error_on_one_rank_names_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(distributed, "is_launched", lambda: True)
+    monkeypatch.setattr(distributed, "world", lambda: Group(2, 1))
+    assert main(["generate", "--model", str(tmp_path / "missing")]) == 2
+    assert "error (rank 1 of 2):" in capsys.readouterr().err
 
 
 def test_rank_0_prints_and_the_others_do_not(capsys):
