@@ -206,6 +206,8 @@ def run_command(run: Callable[[Any], int | None], args: Any) -> int:
     0, so a failure on one machine alone (a model path missing there) is not lost."""
     group = world()
     rank, name = group.rank(), f"lazyllm-mlx {args.command}"
+    if getattr(args, "seed", 0) is None:  # each process draws its own default key
+        args.seed = 0  # the same on every rank, or sampling would pick different tokens
     try:
         check_command(args.command, args)
         with rank0_output(group):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lazyllm_mlx
 from lazyllm_mlx import distributed
@@ -224,6 +225,15 @@ def test_an_error_on_one_rank_names_it(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(distributed, "world", lambda: Group(2, 1))
     assert main(["generate", "--model", str(tmp_path / "missing")]) == 2
     assert "error (rank 1 of 2):" in capsys.readouterr().err
+
+
+def test_every_rank_samples_with_the_same_seed(monkeypatch):
+    """Each process has its own default PRNG key: unseeded sampling would desync the ranks."""
+    seen = []
+    monkeypatch.setattr(distributed, "world", lambda: Group(2, 1))
+    args = SimpleNamespace(command="generate", seed=None)
+    assert distributed.run_command(lambda a: seen.append(a.seed), args) == 0
+    assert seen == [0]
 
 
 def test_rank_0_prints_and_the_others_do_not(capsys):
