@@ -28,7 +28,7 @@ DISTRIBUTED_COMMANDS = ("generate",)
 PIPELINE_REASON = (
     "pipeline parallel is not supported by the lazy engine: it drives every layer itself, so "
     "a pipelined model's layer loop (and its sends and receives) would be bypassed; use tensor "
-    "parallel (the default of `mlx.launch`)"
+    "parallel (load_sharded's group)"
 )
 SERVE_REASON = (
     "`serve` does not run distributed yet: the other ranks would have to follow rank 0's "
@@ -47,7 +47,7 @@ def world() -> mx.distributed.Group:
 
 def is_launched() -> bool:
     """Whether this process was started by `mlx.launch` (or mpirun) with other ranks."""
-    if not any(name in os.environ for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK")):
+    if not any(name in os.environ for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         return False  # no launcher: do not let init() pick a backend for nothing
     return world().size() > 1
 

@@ -241,3 +241,21 @@ def test_rank_0_prints_and_the_others_do_not(capsys):
         with distributed.rank0_output(Group(2, rank)):
             print(f"from rank {rank}")
     assert capsys.readouterr().out == "from rank 0\n"
+
+
+def test_the_benchmark_script_runs_in_one_process(tmp_path, monkeypatch, capsys):
+    """tools/distributed_bench.py in a group of one (no collectives): its table and JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "distributed_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    argv = ["--twin", "--tokens", "64", "--repeats", "1", "--schedule", "8:0.5,18:0.5"]
+    monkeypatch.setattr(sys, "argv", ["distributed_bench.py", *argv, "--out", str(out)])
+    assert bench.main() == 0
+    result = json.loads(out.read_text())
+    assert list(result["runs"]) == ["baseline", "none", "lazy"]
+    assert result["runs"]["lazy"]["prefill_fraction"] < 1.0
+    assert result["runs"]["baseline"]["bytes"] == 0  # a group of one sends nothing
+    assert "lazy" in capsys.readouterr().out
