@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SHARDED_FAMILIES = ("llama", "qwen2", "qwen3")  # the engine's families mlx-lm can shard
 # The paper's rule (heads averaged: a sum across ranks) and a window rule (heads by max).
-SCHEDULES = ("paper", "2:0.5,5:0.6,8:0.5;w=8;pool=3;heads=max;cap=4;margin=0.5")
+SCHEDULES = ("paper", "2:0.5,5:0.6,8:0.5;w=8;pool=3;heads=max;cap=4;margin=0.5;every=2")
 # mlx-lm's launcher, beside this Python (a venv need not be on PATH), else on PATH.
 LAUNCHER = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which(
     "mlx.launch"
