@@ -16,3 +16,8 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
     """An mlx-lm model of `config`'s family with freshly initialised weights."""
     model_class, args_class = _get_classes(config)
     return model_class(args_class.from_dict(config))
+
+
+def model_class(config: dict[str, Any]) -> type[nn.Module]:
+    """The mlx-lm Model class of `config`'s family (ValueError for a family mlx-lm lacks)."""
+    return _get_classes(config)[0]

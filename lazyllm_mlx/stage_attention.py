@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .distributed import reduce_scores
 from .families import Family
 from .kept_weights import KeptWeights
 from .pruning import combine_heads, pool_by_position, window_probabilities
@@ -123,6 +124,8 @@ def score_keys(
             window.queries, view.fetched_keys, scale, window.positions, key_pos, keys_allowed
         )
         scores = combine_heads(rows.mean(axis=0), config.heads)
+    # Tensor parallel: this rank holds a slice of the heads; combine them with the others' first.
+    scores = reduce_scores(scores, config.heads, runner.family.layers[layer])
     scores = pool_by_position(scores, key_pos, config.pool, plan.capacity)
     return scores if keys_allowed is None else mx.where(keys_allowed, scores, -1.0)
 

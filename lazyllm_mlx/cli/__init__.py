@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .. import distributed
+
 # command -> (module, one-line help)
 COMMANDS = {
     "generate": ("lazyllm_mlx.cli.generate", "generate text, LazyLLM vs baseline with --compare"),
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's own usage, not the top-level one
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if distributed.is_launched():  # under mlx.launch: refusals once, output from rank 0 only
+        return distributed.run_command(module.run, args)
     try:
         return module.run(args) or 0
     except (ValueError, OSError) as error:

@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import common_prefix_len
 
+from .. import distributed
 from .._platform import warn_if_quantized_on_cpu
 from ..cache import per_layer
 from ..config import LazyConfig
@@ -276,10 +277,12 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
     """The model and tokenizer with mlx-lm's loading flags: an adapter, trusted remote code
     (only when asked), extra end-of-generation tokens (generate's own flag)."""
     trust = bool(args.trust_remote_code)
+    # Under mlx.launch: tensor parallel over the launched ranks.
+    loader = distributed.load_sharded if distributed.is_launched() else load
     if args.adapter_path is None and not trust:
-        model, tokenizer = load(model)
+        model, tokenizer = loader(model)
     else:
-        model, tokenizer = load(
+        model, tokenizer = loader(
             model,
             adapter_path=args.adapter_path,
             trust_remote_code=trust,
