@@ -5,7 +5,9 @@ and KV heads, so each rank can only score its own heads. `reduce_scores` combine
 (N,) score vector across the ranks the way the rule combines heads (max of maxes; mean of equal-
 sized means), one collective per boundary, so every rank selects, revives and decodes the same
 tokens. Hidden states are already identical on every rank (the sharded projections sum them).
-Pipeline parallel and distributed serving are refused (see the messages below).
+
+Pipeline parallel (pipeline.py): each rank holds a range of layers; `load_sharded` with a
+pipeline_group splits them. Distributed serving is refused (see the message below).
 """
 
 from __future__ import annotations
@@ -25,11 +27,6 @@ import numpy as np
 
 # Commands that run under `mlx.launch`; the others refuse with one line.
 DISTRIBUTED_COMMANDS = ("generate",)
-PIPELINE_REASON = (
-    "pipeline parallel is not supported by the lazy engine: it drives every layer itself, so "
-    "a pipelined model's layer loop (and its sends and receives) would be bypassed; use tensor "
-    "parallel (load_sharded's group)"
-)
 SERVE_REASON = (
     "`serve` does not run distributed yet: the other ranks would have to follow rank 0's "
     "requests step by step; run it in one process"
@@ -160,23 +157,38 @@ def load_sharded(
     **load_options: Any,
 ) -> tuple[nn.Module, Any]:
     """`(model, tokenizer)` like `lazyllm_mlx.load`, tensor-sharded over `group` (default: the
-    group `mlx.launch` started). Weights are read lazily, so each rank reads only its slices of
-    an MLX folder. Every rank must call it. pipeline_group is refused (PIPELINE_REASON)."""
+    group `mlx.launch` started), or, given a pipeline_group instead, split into ranges of layers
+    over it (pipeline.split_model). Weights are read lazily, so each rank reads only its share
+    of an MLX folder. Every rank must call it."""
     from ._platform import default_dtype
     from .loading import load_source
+    from .pipeline import split_model
 
-    if pipeline_group is not None:
-        raise Refused(PIPELINE_REASON)
-    group = group or world()
-    check_source(path_or_hf_repo, group)
+    if pipeline_group is not None and group is not None:
+        raise Refused("give a tensor group or a pipeline group, not both")
+    group = pipeline_group or group or world()
+    if pipeline_group is None:
+        check_source(path_or_hf_repo, group)
     model, tokenizer, config, _ = load_source(
         path_or_hf_repo, dtype or default_dtype(), lazy=True, **load_options
     )
     if isinstance(config.get("lazyllm"), dict):  # a stored schedule, as load() keeps it
         object.__setattr__(model, "lazyllm_schedule", dict(config["lazyllm"]))
-    shard(model, group)
+    if pipeline_group is None:
+        shard(model, group)
+    else:
+        split_model(model, pipeline_group)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # all loaded
     return model, tokenizer
+
+
+def tensor_refusal(source: str | Path | None, group: mx.distributed.Group) -> str | None:
+    """Why `source` cannot be split tensor-parallel over `group` (None when it can)."""
+    try:
+        check_source(source, group)
+    except Refused as error:
+        return str(error)
+    return None
 
 
 def check_command(command: str, args: Any) -> None:
@@ -238,24 +250,32 @@ def rank0_output(group: mx.distributed.Group | None = None) -> Iterator[None]:
 
 @dataclass
 class Traffic:
-    """Collectives issued while counting: how many, and the bytes of their payloads."""
+    """Collectives issued while counting: how many, and the bytes of their payloads; sends
+    apart."""
 
     calls: int = 0
     bytes: int = 0
     by_shape: dict[tuple[int, ...], int] = field(default_factory=dict)
+    sends: int = 0
+    sent_bytes: int = 0
 
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Traffic]:
     """Count the all_sum/all_max payloads this process sends into while the block runs (the
-    sharded layers' sums and the boundaries' score reductions): what one rank contributes."""
+    sharded layers' sums and the boundaries' score reductions), and its point-to-point sends (a
+    pipeline's hidden states): what one rank contributes."""
     traffic = Traffic()
-    originals = {name: getattr(mx.distributed, name) for name in ("all_sum", "all_max")}
+    names = ("all_sum", "all_max", "send")
+    originals = {name: getattr(mx.distributed, name) for name in names}
 
-    def counted(inner):
+    def counted(inner, name):
         def collective(x, *args, **kwargs):
             group = kwargs.get("group")
-            if group is None or group.size() > 1:
+            if name == "send":
+                traffic.sends += 1
+                traffic.sent_bytes += x.nbytes
+            elif group is None or group.size() > 1:
                 traffic.calls += 1
                 traffic.bytes += x.nbytes
                 traffic.by_shape[x.shape] = traffic.by_shape.get(x.shape, 0) + 1
@@ -264,7 +284,7 @@ def count_collectives() -> Iterator[Traffic]:
         return collective
 
     for name, inner in originals.items():
-        setattr(mx.distributed, name, counted(inner))
+        setattr(mx.distributed, name, counted(inner, name))
     try:
         yield traffic
     finally:

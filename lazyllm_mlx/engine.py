@@ -79,7 +79,7 @@ def prefill(
             stats.revival_token_layers += (flight.count - flight.new_count) * len(layers)
             _add_per_layer(stats.prefill_tokens_per_layer, layers, runner, flight.new_count)
         cache.offset += count
-        return runner.family.head(flight.hidden[:, -1:, :])[:, -1, :], held
+        return _logits(runner, flight), held
 
     logits, held = active().call("prefill", cache, count, run)
     stats.prompt_tokens += count
@@ -137,12 +137,21 @@ def decode_step(
             flight.hidden = ranked.hidden
             stats.decode_token_layers += flight.count * len(layers)
         cache.offset += count
-        return runner.family.head(flight.hidden[:, -1:, :])[:, -1, :], held
+        return _logits(runner, flight), held
 
     logits, selections.held = active().call("decode", cache, count, run)
     selections.steps_without_selection = selections.steps_without_selection + 1 if reuse else 0
     stats.decode_steps += 1
     return logits
+
+
+def _logits(runner: Runner, flight: InFlight) -> mx.array:
+    """The last token's logits (1, V), on every rank of a pipeline."""
+    last = flight.hidden[:, -1:, :]
+    pipeline = runner.family.pipeline
+    if pipeline is not None:
+        last = pipeline.from_owner(last, pipeline.num_layers - 1)
+    return runner.family.head(last)[:, -1, :]
 
 
 def _enter(cache: LazyCache, tokens: mx.array) -> InFlight:
@@ -190,9 +199,17 @@ def _run_layers(
     """One chunk through the stage's layers; returns its output and, where the chunk ranks
     the candidates, their scores."""
     family, masks, scores = runner.family, {}, None
+    pipeline = family.pipeline
     for j, layer in enumerate(plan.store.layers):
         at_scorer = layer == plan.scorer
         scoring = plan.ranks and chunk.last and at_scorer
+        if pipeline is not None:
+            x = pipeline.enter(layer, x)
+            if not pipeline.owns(layer):  # another rank computes it; the scores come from there
+                if scoring:
+                    empty = mx.zeros(chunk.key_pos.shape, mx.float32)
+                    scores = pipeline.from_owner(empty, layer)
+                continue
         window = family.windows[layer]
         begin = 0
         if window is not None and plan.window_slices and not scoring:
@@ -216,6 +233,8 @@ def _run_layers(
             observe_queries(family, layer, offset, plan, chunk)
         if scoring:
             scores = score_keys(runner, plan, chunk, layer, view)
+            if pipeline is not None:
+                scores = pipeline.from_owner(scores.astype(mx.float32), layer)
     return x, scores
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .pipeline import Pipeline
 from .rope import PositionalRoPE, install
 
 
@@ -79,6 +80,7 @@ class Family:
     windows: list[int | None]  # sliding window of each layer, None for full attention
     scales: list[float]  # attention scale of each layer
     ropes: list[PositionalRoPE]
+    pipeline: Pipeline | None = None  # set when this rank holds only some layers (pipeline.py)
 
     @property
     def num_layers(self) -> int:

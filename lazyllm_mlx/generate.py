@@ -23,6 +23,7 @@ from .cache import LazyCache
 from .calibration import resolve_preset
 from .config import LazyConfig, as_config
 from .lazy_steps import LogitsProcessor, Sampler, lazy_generate_step, new_cache
+from .pipeline import pipeline_of
 from .runner import runner_for
 from .stats import LazyStats
 
@@ -153,6 +154,9 @@ def _locked_steps(
 ) -> Generator[tuple[int, mx.array], None, None]:
     """generate_step for a schedule already resolved for `model` (for_model), under its lock."""
     with model_lock(model):
+        if config is None and pipeline_of(model) is not None:
+            # mlx-lm's model call cannot run one rank's share of the layers: the engine, unpruned
+            config = as_config("none")
         if config is None:
             options.pop("stats", None)
             yield from mlx_generate_step(prompt, model, **options)

@@ -1,6 +1,7 @@
 """One rank of the distributed tests, started by `mlx.launch -n 2 --backend ring` (see
-test_distributed.py): loads a tiny model folder tensor-sharded, generates greedily with mlx-lm's
-sharded generate and with the lazy engine, and writes what it saw to OUT/rank<r>.json."""
+test_distributed.py): loads a tiny model folder tensor-sharded (or, with --pipeline, split into
+ranges of layers), generates greedily with mlx-lm's sharded generate (tensor parallel) and with
+the lazy engine, and writes what it saw to OUT/rank<r>.json."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lazyllm_mlx import make_lazy_cache
 from lazyllm_mlx.distributed import count_collectives, load_sharded, world
 from lazyllm_mlx.engine import LazyStats, decode_step, prefill
 from lazyllm_mlx.generate import generate_step
+from lazyllm_mlx.pipeline import split_model
 from lazyllm_mlx.runner import runner_for
 
 import mlx.core as mx
@@ -52,6 +54,7 @@ def lazy_run(model, prompt: mx.array, schedule: str, steps: int) -> dict:
         prefill_fraction=stats.prefill_fraction,
         prefill_collectives=traffic.calls,
         prefill_bytes=traffic.bytes,
+        prefill_sent_bytes=traffic.sent_bytes,
         score_reductions=scores,
     )
 
@@ -75,6 +78,26 @@ def run_folder(folder: str, prompt: mx.array, schedules: list[str], steps: int) 
     return report
 
 
+# Pipeline splits of the tiny models' 10 layers: at a boundary of the test schedules (5), and
+# inside a stage (3).
+PIPELINE_SPLITS = {"even": None, "3+7": [3, 7]}
+
+
+def run_pipelined(folder: str, prompt: mx.array, schedules: list[str], steps: int) -> dict:
+    """Each split: the engine with nothing pruned (what a pipelined baseline runs), then each
+    schedule."""
+    report = {}
+    for name, split in PIPELINE_SPLITS.items():
+        model, _ = lazyllm_mlx.load(folder)
+        split_model(model, world(), split)
+        runs = dict(none=[int(t) for t, _ in generate_step(prompt, model, max_tokens=steps)])
+        mx.synchronize(generation_stream)
+        for schedule in schedules:
+            runs[schedule] = lazy_run(model, prompt, schedule, steps)
+        report[name] = runs
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -83,6 +106,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=96)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--die-rank", type=int, default=None)
+    parser.add_argument("--pipeline", action="store_true")
     args = parser.parse_args()
     group = world()
     rank = group.rank()
@@ -94,8 +118,9 @@ def main() -> int:
             return 3
         lazy_run(model, prompt, "paper", args.steps)  # waits on the dead rank's collectives
     report: dict = dict(rank=rank, size=group.size())
+    run = run_pipelined if args.pipeline else run_folder
     for folder in args.folders:
-        report[Path(folder).name] = run_folder(folder, prompt, args.schedule, args.steps)
+        report[Path(folder).name] = run(folder, prompt, args.schedule, args.steps)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
     return 0
 

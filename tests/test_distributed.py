@@ -1,8 +1,10 @@
-"""Tensor parallel under `mlx.launch -n 2 --backend ring` (two local processes), and the refusals.
+"""Tensor and pipeline parallel under `mlx.launch -n 2 --backend ring` (two local processes),
+and the refusals.
 
 The launched tests run tests/distributed_worker.py (or the CLI) on tiny random model folders: the
 two ranks must agree on every token and every selection, with nothing pruned match mlx-lm's own
-sharded generate, and with a schedule match the single-process engine on the unsharded model.
+generate (sharded, for tensor parallel), and with a schedule match the single-process engine on
+the unsharded model.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from types import SimpleNamespace
 import lazyllm_mlx
 from lazyllm_mlx import distributed
 from lazyllm_mlx.cli import main
+from lazyllm_mlx.fingerprint import model_fingerprint
+from lazyllm_mlx.pipeline import pipeline_of, split_layers, split_model
 
 import mlx.core as mx
 import pytest
 from distributed_worker import lazy_run
+from mlx_lm.generate import generate_step as mlx_generate_step
 from mlx_lm.utils import save_config, save_model
 from tiny_models import COMMON, FAMILY_CONFIGS, random_prompt, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SHARDED_FAMILIES = ("llama", "qwen2", "qwen3")  # the engine's families mlx-lm can shard
+PIPELINED_FAMILIES = ("llama", "gemma3_text")  # any family: mixed sliding and global layers too
 # The paper's rule (heads averaged: a sum across ranks) and a window rule (heads by max).
 SCHEDULES = ("paper", "2:0.5,5:0.6,8:0.5;w=8;pool=3;heads=max;cap=4;margin=0.5;every=2")
 # mlx-lm's launcher, beside this Python (a venv need not be on PATH), else on PATH.
@@ -52,7 +58,8 @@ def write_folder(folder: Path, family: str, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharded")
-    return {family: write_folder(root / family, family) for family in SHARDED_FAMILIES}
+    families = dict.fromkeys(SHARDED_FAMILIES + PIPELINED_FAMILIES)
+    return {family: write_folder(root / family, family) for family in families}
 
 
 def free_port_pair() -> int:
@@ -99,11 +106,13 @@ def test_two_ranks_select_alike_and_match_one_process(folders, tmp_path):
     token, selection and aux cache; nothing pruned gives mlx-lm's sharded tokens; a schedule gives
     the single-process engine's tokens and selections, with one score reduction per boundary."""
     schedules = [f"--schedule={s}" for s in SCHEDULES]
-    done = launch(str(WORKER), str(tmp_path), *map(str, folders.values()), *schedules)
+    paths = [str(folders[family]) for family in SHARDED_FAMILIES]
+    done = launch(str(WORKER), str(tmp_path), *paths, *schedules)
     assert (tmp_path / "rank1.json").exists(), done.stdout + done.stderr
     first, second = ranks(tmp_path)
     prompt = random_prompt(96)
-    for family, folder in folders.items():
+    for family in SHARDED_FAMILIES:
+        folder = folders[family]
         sharded = first[family]
         assert sharded == second[family]
         assert sharded["none"] == sharded["mlx_lm"]
@@ -115,6 +124,51 @@ def test_two_ranks_select_alike_and_match_one_process(folders, tmp_path):
             assert sharded[schedule]["revived"] == alone["revived"] > 0
             boundaries = len(lazyllm_mlx.make_lazy_cache(model, schedule).schedule.boundaries)
             assert sum(sharded[schedule]["score_reductions"].values()) == boundaries
+
+
+@launched
+def test_two_pipeline_ranks_match_one_process(folders, tmp_path):
+    """Each rank holding half the layers (or 3 and 7: a split inside a stage): the ranks agree on
+    every token and selection, nothing pruned gives mlx-lm's tokens, a schedule the single-process
+    engine's; only the kept and revived tokens' hidden states cross the split."""
+    paths = [str(folders[family]) for family in PIPELINED_FAMILIES]
+    schedules = [f"--schedule={s}" for s in SCHEDULES]
+    done = launch(str(WORKER), str(tmp_path), *paths, *schedules, "--pipeline")
+    assert (tmp_path / "rank1.json").exists(), done.stdout + done.stderr
+    first, second = ranks(tmp_path)
+    prompt = random_prompt(96)
+    for family in PIPELINED_FAMILIES:
+        model, _ = lazyllm_mlx.load(str(folders[family]))
+        plain = [int(t) for t, _ in mlx_generate_step(prompt, model, max_tokens=8)]
+        for split, runs in first[family].items():
+            assert runs["none"] == second[family][split]["none"] == plain, (family, split)
+            for schedule in SCHEDULES:
+                alone = lazy_run(model, prompt, schedule, steps=8)
+                mine, theirs = runs[schedule], second[family][split][schedule]
+                for what in ("selections", "tokens", "revived", "prefill_fraction"):
+                    assert mine[what] == theirs[what] == alone[what], (family, split, what)
+                # rank 0 sends, at its last layer, the tokens in flight there: fewer than all
+                assert theirs["prefill_sent_bytes"] == 0
+                assert 0 < mine["prefill_sent_bytes"] < 96 * COMMON["hidden_size"] * 4
+                boundaries = len(lazyllm_mlx.make_lazy_cache(model, schedule).schedule.boundaries)
+                assert sum(mine["score_reductions"].values()) == boundaries
+
+
+@launched
+def test_cli_generate_splits_layers_where_heads_do_not_split(folders, capsys):
+    """Gemma 3 has no tensor sharding in mlx-lm: the launch runs pipeline parallel, says so
+    once, and generates what one process generates."""
+    argv = ["generate", "--model", str(folders["gemma3_text"]), "--max-tokens", "6", "--json"]
+    argv += ["-p", " ".join(f"t{i % 97 + 1}" for i in range(300)), "--compare"]
+    argv += ["--schedule", SCHEDULES[1]]
+    done = launch("-m", "lazyllm_mlx.cli", *argv)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, done.stdout + done.stderr
+    assert done.stderr.count("pipeline parallel: model type 'gemma3_text' has no tensor") == 1
+    assert main(argv) == 0
+    alone = json.loads(capsys.readouterr().out)
+    for run in ("baseline", "lazy"):
+        assert json.loads(lines[0])["runs"][run]["tokens"] == alone["runs"][run]["tokens"]
 
 
 @launched
@@ -197,9 +251,32 @@ def test_the_default_model_splits_over_three_processes_not_two():
     distributed.check_source(None, Group(3))
 
 
-def test_pipeline_parallel_is_refused():
-    with pytest.raises(distributed.Refused, match="pipeline parallel is not supported"):
-        distributed.load_sharded("unused", pipeline_group=Group(2))
+def test_a_tensor_and_a_pipeline_group_together_are_refused():
+    with pytest.raises(distributed.Refused, match="not both"):
+        distributed.load_sharded("unused", Group(2), pipeline_group=Group(2))
+
+
+@pytest.mark.parametrize(
+    "layers, size, split, starts",
+    [(10, 2, None, (0, 5)), (30, 4, None, (0, 8, 16, 23)), (10, 2, [3, 7], (0, 3))],
+)
+def test_layers_split_into_ranges_in_rank_order(layers, size, split, starts):
+    assert split_layers(layers, size, split) == starts
+
+
+@pytest.mark.parametrize("layers, size, split", [(2, 3, None), (10, 2, [10, 0]), (10, 2, [4])])
+def test_splits_that_leave_a_rank_no_layer_are_refused(layers, size, split):
+    with pytest.raises(ValueError, match="each needs at least one layer"):
+        split_layers(layers, size, split)
+
+
+def test_a_split_rank_holds_its_layers_only_and_keeps_the_whole_models_fingerprint():
+    model = tiny_model("llama")
+    whole = model_fingerprint(model)
+    split_model(model, Group(2, 1))
+    assert [layer is None for layer in model.layers] == [True] * 5 + [False] * 5
+    assert model_fingerprint(model) == whole
+    assert pipeline_of(model).owner(4) == 0 and pipeline_of(model).owns(5)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""TTFT and bytes communicated per prefill, tensor parallel: plain mlx-lm vs the lazy engine.
+"""TTFT and bytes communicated per prefill, tensor or pipeline parallel: baseline vs lazy.
 
 Run it under mlx.launch (every rank runs it; rank 0 prints the table and writes the JSON):
 
@@ -10,6 +10,10 @@ SmolLM2-135M's 9 query / 3 KV heads split over 3 processes, not 2: `--twin` runs
 tokens each layer computes, which the schedule fixes, not on what the weights rank; the schedule
 is SmolLM2's own `default`. Runs are interleaved (baseline, none, lazy, rotating), the median of
 --repeats is reported, and the bytes are the payloads this rank puts into collectives.
+
+`--pipeline` splits the real model's layers over the ranks instead (any head count): there the
+baseline is the engine with nothing pruned (mlx-lm's model call cannot run one rank's layers),
+and `sent` counts the hidden states each rank sends to the next.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def measure(model, tokenizer, prompt, lazy: LazyConfig | None) -> dict:
     return dict(
         ttft=run.last.ttft,
         bytes=traffic.bytes,
+        sent_bytes=traffic.sent_bytes,
         collectives=traffic.calls,
         score_reductions=scores,
         prefill_fraction=stats.prefill_fraction if stats else 1.0,
@@ -99,11 +104,15 @@ def summary(samples: dict) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"{result['model']}, {result['ranks']} ranks, {result['prompt_tokens']} tokens")
-    print(f"{'':<10}{'TTFT s':>9}{'×':>7}{'fraction':>10}{'MB sent':>10}{'calls':>7}{'scores':>8}")
+    print(
+        f"{'':<10}{'TTFT s':>9}{'×':>7}{'fraction':>10}{'MB summed':>11}{'MB sent':>9}"
+        f"{'calls':>7}{'scores':>8}"
+    )
     for name, r in result["runs"].items():
         print(
             f"{name:<10}{r['ttft']:>9.2f}{r['ttft_speedup']:>7.2f}{r['prefill_fraction']:>10.3f}"
-            f"{r['bytes'] / 1e6:>10.1f}{r['collectives']:>7}{r['score_reductions']:>8}"
+            f"{r['bytes'] / 1e6:>11.1f}{r['sent_bytes'] / 1e6:>9.1f}{r['collectives']:>7}"
+            f"{r['score_reductions']:>8}"
         )
     print(f"schedule: {result['schedule']}")
 
@@ -119,6 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a model to load sharded (default model)")
     parser.add_argument("--twin", action="store_true", help="SmolLM2's shape, 8/4 heads")
+    parser.add_argument("--pipeline", action="store_true", help="split the layers, not the heads")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--schedule", default=None, help="default: SmolLM2's or the model's")
@@ -128,6 +138,9 @@ def main() -> int:
     if args.twin:
         model, tokenizer = twin(group)
         label = "SmolLM2-135M shape, 8/4 heads, random weights"
+    elif args.pipeline:
+        model, tokenizer = distributed.load_sharded(args.model, pipeline_group=group)
+        label = f"{args.model or 'SmolLM2-135M-Instruct'}, pipeline parallel"
     else:
         model, tokenizer = distributed.load_sharded(args.model, group)
         label = args.model or "SmolLM2-135M-Instruct"
@@ -136,6 +149,8 @@ def main() -> int:
         lazy = default_schedule(model)
     prompt = prompt_of(tokenizer, args.tokens)
     runs = {"baseline": None, "none": LazyConfig.preset("none"), "lazy": lazy}
+    if args.pipeline:  # its baseline is `none` already
+        del runs["none"]
     samples = bench(model, tokenizer, prompt, runs, args.repeats)
     result = dict(
         model=label,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -85,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare", action="store_true", help="Run baseline and lazy on the same prompt"
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON object on stdout")
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch: split the layers over the processes instead of the heads "
+        "(chosen anyway where the heads do not split)",
+    )
     parser.add_argument(
         "--prompt-cache-file",
         help="Continue a cache saved by `lazyllm-mlx cache-prompt`: the prompt goes on from the "
@@ -277,8 +285,7 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
     """The model and tokenizer with mlx-lm's loading flags: an adapter, trusted remote code
     (only when asked), extra end-of-generation tokens (generate's own flag)."""
     trust = bool(args.trust_remote_code)
-    # Under mlx.launch: tensor parallel over the launched ranks.
-    loader = distributed.load_sharded if distributed.is_launched() else load
+    loader = distributed_loader(args, model) if distributed.is_launched() else load
     if args.adapter_path is None and not trust:
         model, tokenizer = loader(model)
     else:
@@ -291,6 +298,18 @@ def load_model(args: argparse.Namespace, model: str | None) -> tuple[Any, Any]:
     warn_if_quantized_on_cpu(model)
     add_eos_tokens(tokenizer, getattr(args, "extra_eos_token", ()), "--extra-eos-token")
     return model, tokenizer
+
+
+def distributed_loader(args: argparse.Namespace, model: str | None) -> Callable[..., Any]:
+    """Under mlx.launch: tensor parallel over the launched ranks, or pipeline parallel when asked
+    (--pipeline) or when the model's heads do not split over them (said on rank 0)."""
+    group = distributed.world()
+    refusal = None if args.pipeline else distributed.tensor_refusal(model, group)
+    if not (args.pipeline or refusal):
+        return distributed.load_sharded
+    if refusal and group.rank() == 0:
+        print(f"pipeline parallel: {refusal.split(';')[0]}", file=sys.stderr)
+    return partial(distributed.load_sharded, pipeline_group=group)
 
 
 def add_eos_tokens(tokenizer: Any, tokens: Sequence[str], flag: str) -> None:
