@@ -83,5 +83,5 @@ def test_the_calibrated_default_prunes_its_fraction_and_still_answers(gemma):
     responses = list(stream_generate(model, tokenizer, prompt, max_tokens=12, lazy="default"))
     last, n = responses[-1], len(prompt)
     assert last.lazy.prefill_fraction == pytest.approx(calibration.resolve(18).prefill_fraction(n))
-    assert last.lazy.prefill_fraction < 0.5
+    assert last.lazy.prefill_fraction < 0.8  # a budget of 384 tokens after layer 5 of 18
     assert "Edgar" in "".join(r.text for r in responses)
