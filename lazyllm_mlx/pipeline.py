@@ -77,8 +77,9 @@ def split_layers(num_layers: int, size: int, split: list[int] | None = None) -> 
 
 
 def pipeline_of(model: nn.Module) -> Pipeline | None:
-    """The model's Pipeline if it was split with split_model, else None."""
-    return getattr(model, "_lazyllm_pipeline", None)
+    """The model's Pipeline if it was split with split_model, else None (kept on its Family)."""
+    family = getattr(model, "_lazyllm_family", None)  # families.family_of's, if made
+    return None if family is None else family.pipeline
 
 
 def split_model(
@@ -99,7 +100,6 @@ def split_model(
         if not pipeline.owns(layer):
             model.layers[layer] = None  # mlx-lm's pipelining leaves None for others' layers
             family.layers[layer] = None
-    object.__setattr__(model, "_lazyllm_pipeline", pipeline)  # not a parameter or child
     family.pipeline = pipeline
     object.__setattr__(model, "_lazyllm_fingerprints", prints)
     mx.eval(model.parameters())
