@@ -12,9 +12,13 @@
    baseline gets right may get worse, nor its first token change. A failure backs off to a rung
    that keeps more (one cut fewer, every cut keeping 1.5 or 2 times more, then one cut keeping a
    share at every length), saying so; when none holds, nothing is stored.
+4. Decoding (calibrate_decoding): the schedule that holds, with and without `every=`, is timed
+   against the baseline over a short answer; `every=` is kept when clearly faster and verified.
 
 The cost is `probe_prompts` x 3 baseline prefills, `verify_prompts` x 4 baseline generations
-(kept in a baseline cache, so a rerun skips them) and as many lazy ones per rung tried.
+(kept in a baseline cache, so a rerun skips them) and as many lazy ones per rung tried, then
+`decode_rounds` x 3 short generations (one of them the baseline's) and, when `every=` is faster,
+one more verification round.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .calibrate_decoding import choose_every
 from .calibration_store import Calibration, fingerprint, save_to_store, store_dir
 from .config import WINDOW_RULE_TEXT, LazyConfig
 from .evals.baselines import BaselineStore
@@ -61,6 +66,7 @@ class CalibrateOptions:
     target: float = 0.95  # mean recall of the answer tokens every cut must reach
     seed: int = 0
     max_cuts: int = 3
+    decode_rounds: int = 3  # timed rounds deciding `every=` (0: not timed, every step selects)
 
 
 def calibrate(
@@ -82,6 +88,8 @@ def calibrate(
     check_supported(model_type_of(model))  # before any work
     if options.length < 256 or options.probe_prompts < 1 or options.verify_prompts < 1:
         raise ValueError("calibrate needs a length of at least 256 tokens and 1+ prompts each")
+    if options.decode_rounds < 0:
+        raise ValueError(f"decode_rounds must be 0 or more, not {options.decode_rounds}")
     limit = context_length(model)
     if limit is not None and options.length > limit:
         raise ValueError(f"--length {options.length} is longer than the model's context ({limit})")
@@ -111,7 +119,9 @@ def calibrate(
             "is stored and the generic layout stays; a rerun with --length nearer your prompts "
             "or a higher --target reuses the probe and the baselines"
         )
-    schedules = {"default": ladder[chosen], "safe": ladder[min(chosen + 1, len(ladder) - 1)]}
+    default, decoding = choose_decoding(model, tokenizer, ladder[chosen], options, baselines,
+                                        tick, say)  # fmt: skip
+    schedules = {"default": default, "safe": ladder[min(chosen + 1, len(ladder) - 1)]}
     calibration = Calibration(
         fingerprint=fingerprint(model),
         architecture=tuple(architecture_of(model)),
@@ -123,6 +133,7 @@ def calibrate(
             options=vars(options),
             probe={f"{layer}:{keep:g}": round(value, 4) for (layer, keep), value in recall.items()},
             rungs=rungs,
+            decoding=decoding,
             expected_prefill_fraction={
                 name: {n: round(expected_fraction(text, num_layers, n), 4) for n in SIZES}
                 for name, text in schedules.items()
@@ -178,6 +189,27 @@ def verify_ladder(
         if i + 1 < len(ladder):
             say("  backing off to a schedule that keeps more")
     return rungs
+
+
+def choose_decoding(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    options: CalibrateOptions,
+    baselines: BaselineStore,
+    tick: Callable[[str], None],
+    say: Callable[[str], None],
+) -> tuple[str, dict[str, Any] | None]:
+    """`text` with the decoding options timing and verification chose, and their evidence."""
+    if not options.decode_rounds:
+        return text, None
+
+    def holds(candidate: str) -> dict[str, Any]:
+        summary = verify(model, tokenizer, candidate, options, baselines, tick)
+        return dict(schedule=candidate, verdict=verdict_of(summary), **_evidence(summary))
+
+    return choose_every(model, tokenizer, text, options.length, options.decode_rounds, holds,
+                        tick, say)  # fmt: skip
 
 
 def back_off_ladder(

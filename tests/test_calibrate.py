@@ -108,14 +108,22 @@ def test_calibrate_chooses_verifies_stores_and_every_preset_then_uses_it(
     model, tokenizer = tiny_with_tokenizer
     assert for_model("default", model).source.startswith("generic layout")
     said, ticks = [], []
-    options = CalibrateOptions(length=300, probe_prompts=1, verify_prompts=1, target=0.0)
+    options = CalibrateOptions(
+        length=300, probe_prompts=1, verify_prompts=1, target=0.0, decode_rounds=1
+    )
     calibration = calibrate_module_function(
         model, tokenizer, options, label="tiny", progress=ticks.append, say=said.append
     )
     # target 0: every cut keeps "enough", so the cheapest layout is the earliest, thinnest one
     default = calibration.schedules["default"]
     assert default.startswith("1:128;")  # 5 % of 300 tokens, up to a multiple of 128
-    assert len(ticks) == 3 + 2 * 4  # 3 probe passes, then baseline and lazy on 4 prompts
+    # 3 probe passes, baseline and lazy on 4 prompts, 3 timed decodes, and when every= was
+    # faster, its verification on the 4 prompts (the baseline's from the cache, also ticked)
+    decoding = calibration.evidence["decoding"]
+    assert len(ticks) == 3 + 2 * 4 + 3 + (2 * 4 if "verified" in decoding else 0)
+    assert decoding["chosen"] == default
+    assert set(decoding["vs_baseline"]) == {"every step", "every=4"}
+    assert any(line.startswith("decoding, 16 tokens") for line in said)
     assert any(line.startswith("verify 1:128") and "holds" in line for line in said)
     assert calibration.evidence["rungs"][0]["verdict"] is None
     fractions = calibration.evidence["expected_prefill_fraction"]["default"]
@@ -135,8 +143,10 @@ def test_calibrate_chooses_verifies_stores_and_every_preset_then_uses_it(
     # a rerun (say after an interruption) reuses the probe and the baselines
     monkeypatch.setattr(calibrate_module, "probe", lambda *a, **k: pytest.fail("probed again"))
     ticks.clear()
+    options.decode_rounds = 0  # not timed: the schedule that held, selecting at every step
     again = calibrate_module_function(model, tokenizer, options, progress=ticks.append, save=False)
-    assert again.schedules == calibration.schedules and len(ticks) == 3 + 2 * 4
+    assert again.schedules["default"] == calibration.evidence["rungs"][-1]["schedule"]
+    assert len(ticks) == 3 + 2 * 4 and again.evidence["decoding"] is None
 
 
 def test_a_failed_verification_backs_off_and_says_so(tiny_with_tokenizer, monkeypatch):
@@ -155,7 +165,7 @@ def test_a_failed_verification_backs_off_and_says_so(tiny_with_tokenizer, monkey
 
     monkeypatch.setattr(calibrate_module, "verify", verify)
     said = []
-    options = CalibrateOptions(length=300, probe_prompts=1, target=0.0)
+    options = CalibrateOptions(length=300, probe_prompts=1, target=0.0, decode_rounds=0)
     calibration = calibrate_module_function(model, tokenizer, options, say=said.append, save=False)
     first, second = [r["schedule"] for r in calibration.evidence["rungs"]]
     assert "got worse (code#4)" in calibration.evidence["rungs"][0]["verdict"]
@@ -243,3 +253,41 @@ def test_when_no_candidate_holds_nothing_is_stored(tiny_with_tokenizer, monkeypa
     with pytest.raises(ValueError, match="nothing is stored and the generic layout stays"):
         calibrate_module_function(model, tokenizer, CalibrateOptions(length=300, target=0.0))
     assert find(model) is None
+
+
+def test_every_is_chosen_only_when_it_decodes_faster_and_its_answers_hold(monkeypatch):
+    text = "8:1536,15:0.4" + RULE
+    decoding = __import__("lazyllm_mlx.calibrate_decoding", fromlist=["choose_every"])
+    assert decoding.with_every(text, 4) == "8:1536,15:0.4;every=4" + RULE
+    assert LazyConfig.parse(decoding.with_every(text, 4)).reselect_every == 4
+    verified, said = [], []
+
+    def choose(speeds, verdict=None):
+        monkeypatch.setattr(decoding, "decode_speeds", lambda *a: dict(zip(
+            ("baseline", "every step", "every=4"), speeds)))  # fmt: skip
+        said.clear()
+
+        def holds(candidate):
+            verified.append(candidate)
+            return dict(schedule=candidate, verdict=verdict)
+
+        return decoding.choose_every(None, None, text, 2048, 3, holds, print, said.append)
+
+    chosen, evidence = choose((10.0, 8.9, 10.4))  # 0.89x -> 1.04x: kept once verified
+    assert chosen == decoding.with_every(text, 4) == verified.pop() == evidence["chosen"]
+    assert evidence["vs_baseline"] == {"every step": 0.89, "every=4": 1.04}
+    assert "0.89x selecting at every step, 1.04x with every=4: kept" in said[0]
+    chosen, evidence = choose((10.0, 9.0, 9.3))  # within timing noise: not worth verifying
+    assert chosen == text and not verified and "no clear gain" in said[0]
+    chosen, evidence = choose((10.0, 8.0, 10.0), verdict="fails: the first token changed")
+    assert chosen == text and verified and "it fails: the first token changed" in said[0]
+    assert evidence["verified"]["verdict"].startswith("fails")
+
+
+def test_a_negative_number_of_decode_rounds_is_refused(tiny_with_tokenizer, capsys):
+    model, tokenizer = tiny_with_tokenizer
+    with pytest.raises(ValueError, match="decode_rounds must be 0 or more"):
+        calibrate_module_function(model, tokenizer, CalibrateOptions(decode_rounds=-1))
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--decode-rounds", "-1"])
+    assert "--decode-rounds: expected an integer >= 0, got '-1'" in capsys.readouterr().err

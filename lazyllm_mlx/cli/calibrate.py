@@ -15,6 +15,7 @@ from .common import (
     add_model_argument,
     command_line,
     model_label,
+    non_negative_int,
     output_file,
     positive_int,
     unit_float,
@@ -42,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target", type=unit_float, default=_DEFAULTS.target,
         help=f"Share of the answer tokens every cut must keep (default: {_DEFAULTS.target})",
     )  # fmt: skip
+    parser.add_argument(
+        "--decode-rounds", type=non_negative_int, default=_DEFAULTS.decode_rounds, metavar="N",
+        help="Timed rounds deciding whether selecting every few decode steps (every=) is faster "
+        f"here; 0: not timed (default: {_DEFAULTS.decode_rounds})",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="Seed of the prompts")
     parser.add_argument(
         "--json", type=output_file, metavar="PATH", help="Also write the calibration here"
@@ -59,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
     check_supported(model_type_of(model))  # before any measurement
     options = CalibrateOptions(length=args.length, probe_prompts=args.probe_prompts,
                                verify_prompts=args.verify_prompts, target=args.target,
-                               seed=args.seed)  # fmt: skip
+                               seed=args.seed, decode_rounds=args.decode_rounds)  # fmt: skip
     label = model_label(args.model)
     print(f"calibrating {label} at {args.length} tokens: {3 * args.probe_prompts} probe prompts, "
-          f"then {4 * args.verify_prompts} verification prompts per candidate")  # fmt: skip
+          f"then {4 * args.verify_prompts} verification prompts per candidate, then "
+          f"{args.decode_rounds} rounds of decode timing")  # fmt: skip
     with _bar(args.quiet, 3 * args.probe_prompts, 8 * args.verify_prompts) as bar:
         calibration = calibrate(
             model, tokenizer, options, label=label, command=command_line(args, "calibrate"),
