@@ -5,9 +5,10 @@
    tokens at each layer and keep says what a cut there would keep.
 2. Choose: the layout of one to three cuts with the smallest prefill fraction at the probe
    length whose every cut keeps at least `target` of the answer tokens, each later cut keeping
-   less. The first cut keeps a token budget (its keep times the probe length), so the kept share
-   falls as prompts grow; later cuts keep a share of what reaches them. Decoding revives with a
-   margin of 0.5, as every shipped calibration does.
+   less. Where the first cut's layer ranks the answer sharply (into a keep of at most
+   SHARP_KEEP), the cut keeps a token budget (its keep times the probe length), so the kept share
+   falls as prompts grow; where it needs more, a share of every prompt. Later cuts keep a share of
+   what reaches them. Decoding revives with a margin of 0.5, as every shipped calibration does.
 3. Verify on other prompts, code completion among them, against the baseline: no answer the
    baseline gets right may get worse, nor its first token change. A failure backs off to a rung
    that keeps more (one cut fewer, every cut keeping 1.5 or 2 times more, then one cut keeping a
@@ -49,6 +50,10 @@ KEEPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 # ranking it (SmolLM2's layer 1 keeps 95 % of the answer tokens at keep 0.9): it is no place to cut.
 MAX_FIRST_KEEP = 0.5
 BUDGET_STEP = 128  # budgets are whole multiples of this many tokens
+# A first cut keeps a fixed budget of tokens only where its layer ranks the answer into this share
+# or less: Qwen2.5-1.5B's layer 2 needs 40 % at 2K, and a budget there lost a passkey at 16K
+# that Gemma's budget after a layer needing 15 % keeps (BENCHMARKS.md, "Long prompts").
+SHARP_KEEP = 0.25
 SAFE_KEEP = 0.6  # the last rung: one cut at the first retrieving layer, keeping this share
 # Rungs between the probe's layout and that share: every cut keeping this many times more.
 WIDER = (1.5, 2.0)
@@ -216,18 +221,19 @@ def back_off_ladder(
     recall: dict[tuple[int, float], float], num_layers: int, options: CalibrateOptions
 ) -> list[str]:
     """Schedules to verify, cheapest first: the layout the probe allows and the same with one
-    cut fewer, each also with every cut keeping WIDER times more; then one cut keeping a share
-    (twice the probe's, at least SAFE_KEEP) at every length. None that would compute nearly
-    everything at the probe length."""
+    cut fewer, each also with every cut keeping WIDER times more (the first cut a budget of
+    tokens where its layer ranks sharply, else a share); then one cut keeping a share (twice the
+    probe's, at least SAFE_KEEP) at every length. None that would compute nearly everything at
+    the probe length."""
     best = cheapest_layout(recall, num_layers, options)
     if best is None:
         return []
     (first, keep), *later = best
     candidates = []
     for wider in (1.0, *WIDER):
-        budget = _budget(keep * wider, options.length)
-        candidates.append(_text((first, budget), later, keep))
-        candidates.append(_text((first, budget), later[:-1], keep))  # one cut fewer
+        size = _budget(keep * wider, options.length) if keep <= SHARP_KEEP else _share(keep * wider)
+        candidates.append(_text((first, size), later, keep))
+        candidates.append(_text((first, size), later[:-1], keep))  # one cut fewer
     candidates.append(_text((first, max(SAFE_KEEP, 2 * keep)), [], keep))  # a share, not a budget
     fraction = {c: expected_fraction(c, num_layers, options.length) for c in candidates}
     pruning = [c for c in dict.fromkeys(candidates) if fraction[c] < MOST]
@@ -266,6 +272,11 @@ def cheapest_layout(
 def _budget(keep: float, length: int) -> int:
     """A first cut's keep at the probe length, as tokens: up to a whole number of steps."""
     return max(BUDGET_STEP, BUDGET_STEP * math.ceil(min(keep, 1.0) * length / BUDGET_STEP))
+
+
+def _share(keep: float) -> float:
+    """A first cut's keep as a share of every prompt: up to a hundredth, at most everything."""
+    return min(1.0, math.ceil(100 * keep - 1e-6) / 100)
 
 
 def _text(first: tuple[int, float], later: list[tuple[int, float]], keep: float) -> str:

@@ -33,29 +33,29 @@ def table(good: dict[int, float], layers: int = 30) -> dict[tuple[int, float], f
 
 
 def test_the_cheapest_layout_cuts_after_the_retrieving_layers():
-    # answers found at layer 7 keeping 30 %, at layer 17 keeping 10 %: cut at 8 and 18
-    recall = table({7: 0.3, 17: 0.1})
+    # answers found at layer 7 keeping 25 %, at layer 17 keeping 10 %: cut at 8 and 18
+    recall = table({7: 0.25, 17: 0.1})
     options = CalibrateOptions(length=2048)
-    assert cheapest_layout(recall, 30, options) == [(8, 0.3), (18, 0.1)]
+    assert cheapest_layout(recall, 30, options) == [(8, 0.25), (18, 0.1)]
     assert back_off_ladder(recall, 30, options) == [
-        # 0.3 x 2048 tokens, up to a multiple of 128, then a third of those (rounded up): 41.3 %
-        "8:640,18:0.34" + RULE,
-        "8:640" + RULE,  # one cut fewer: 49.6 %
-        "8:1024,18:0.34" + RULE,  # every cut keeping 1.5 times more: 50.1 %
-        "8:1280,18:0.34" + RULE,  # twice as many: 56.0 %
+        # layer 7 ranks sharply: 0.25 x 2048 tokens, a budget, then 0.1 / 0.25 of those: 39.0 %
+        "8:512,18:0.4" + RULE,
+        "8:512" + RULE,  # one cut fewer: 45.0 %
+        "8:768,18:0.4" + RULE,  # every cut keeping 1.5 times more: 45.2 %
+        "8:1024,18:0.4" + RULE,  # twice as many: 51.3 %
+        "8:768" + RULE,  # 54.2 %
         "8:1024" + RULE,  # 63.3 %
         "8:0.6" + RULE,  # a share at every length: 70.7 %
-        "8:1280" + RULE,  # 72.5 %
     ]
-    # nothing that computes everything is worth verifying (here 15:2048 and 15:1, the share)
+    # a layer that needs 30 % to keep the answer keeps a share of every prompt, not a budget
+    assert [c.split(";")[0] for c in back_off_ladder(table({7: 0.3, 17: 0.1}), 30, options)] == [
+        "8:0.3,18:0.34", "8:0.45,18:0.34", "8:0.3", "8:0.6,18:0.34", "8:0.45", "8:0.6",
+    ]  # fmt: skip
+    # nothing that computes everything is worth verifying (here 15:1 alone)
     wide = back_off_ladder(table({14: 0.5, 18: 0.25}), 30, options)
     assert [w.split(";")[0] for w in wide] == [
-        "15:1024,19:0.5",
-        "15:1536,19:0.5",
-        "15:1024",
-        "15:2048,19:0.5",
-        "15:1536",
-    ]
+        "15:0.5,19:0.5", "15:0.75,19:0.5", "15:0.5", "15:1,19:0.5", "15:0.75",
+    ]  # fmt: skip
     # a layer that needs more than half the prompt to keep the answer is not ranking it
     assert cheapest_layout(table({1: 0.6, 14: 0.5}), 30, options) == [(15, 0.5)]
     # a layer that finds nothing at any keep leaves nothing to verify
