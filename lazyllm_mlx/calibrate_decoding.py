@@ -13,6 +13,7 @@ the baseline's answers on the verification prompts.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ def choose_every(
 ) -> tuple[str, dict[str, Any]]:
     """`text`, or `text` with every=EVERY when that decodes FASTER and `holds` (the verification:
     returns a rung's evidence, its verdict None when it holds); and the measurements."""
+    start = time.perf_counter()
     candidate = with_every(text, EVERY)
     methods = {"baseline": None, "every step": LazyConfig.parse(text),
                f"every={EVERY}": LazyConfig.parse(candidate)}  # fmt: skip
@@ -72,6 +74,7 @@ def choose_every(
     ratios = {name: speeds[name] / speeds["baseline"] for name in methods if name != "baseline"}
     evidence: dict[str, Any] = dict(
         tokens=SHORT_ANSWER, rounds=rounds, length=length,
+        timing_seconds=round(time.perf_counter() - start, 1),
         tokens_per_second={k: round(v, 3) for k, v in speeds.items()},
         vs_baseline={k: round(v, 3) for k, v in ratios.items()},
     )  # fmt: skip
