@@ -28,6 +28,7 @@ import datetime
 import functools
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,7 @@ def calibrate(
     store, where every later load of this model finds them; returns the Calibration.
     progress: called once per forward pass or generation done; say: one line per decision."""
     options = options or CalibrateOptions()
+    start = time.perf_counter()
     check_supported(model_type_of(model))  # before any work
     if options.length < 256 or options.probe_prompts < 1 or options.verify_prompts < 1:
         raise ValueError("calibrate needs a length of at least 256 tokens and 1+ prompts each")
@@ -139,6 +141,7 @@ def calibrate(
             probe={f"{layer}:{keep:g}": round(value, 4) for (layer, keep), value in recall.items()},
             rungs=rungs,
             decoding=decoding,
+            seconds=round(time.perf_counter() - start, 1),
             expected_prefill_fraction={
                 name: {n: round(expected_fraction(text, num_layers, n), 4) for n in SIZES}
                 for name, text in schedules.items()
