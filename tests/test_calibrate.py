@@ -221,6 +221,7 @@ def test_the_command_prints_the_choice_and_the_fractions_it_expects(
     text = capsys.readouterr().out
     assert "default: 1:128;" in text and "prefill fraction" in text and "at 32K" in text
     assert "dry run: nothing stored" in text and find(model) is None
+    assert "measured in " in text and " min" in text
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("lazyllm-mlx calibrate --length 300")
     assert lazyllm_mlx.calibrate is calibrate_module_function  # the API's name is the function

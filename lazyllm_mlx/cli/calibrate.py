@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         fractions = calibration.evidence["expected_prefill_fraction"][name]
         expected = ", ".join(f"{fractions[n]:.0%} at {n // 1024}K" for n in SIZES)
         print(f"{name}: {text}\n    prefill fraction {expected} ({num_layers} layers)")
+    print(f"measured in {calibration.evidence['seconds'] / 60:.1f} min")
     if args.json:
         write_json(args.json, calibration.to_dict())
     if args.dry_run:
