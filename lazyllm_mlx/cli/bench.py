@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     name = model_label(args.model)
     context = dict(model=name, device=str(mx.default_device()), runs=args.runs,
                    max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size,
-                   command=" ".join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
+                   command=shlex.join(["lazyllm-mlx", "bench", *sys.argv[2:]]))  # fmt: skip
     rows = []
     for length in lengths:  # the JSON is rewritten after each length: long runs keep what they did
         rows += run_bench(
