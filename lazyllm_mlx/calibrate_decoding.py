@@ -18,11 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import LazyConfig
-from .evals.bench import SHORT_ANSWER
-from .evals.measure import generate_once, warm_up
+from .evals.bench import SHORT_ANSWER, measure
+from .evals.measure import warm_up
 from .evals.sources import real_text_tokens
 
 EVERY = 4  # the reselection interval tried (the shipped SmolLM2 calibration's)
+PREFILL_STEP = 2048  # mlx-lm's default prefill step size
 FASTER = 1.05  # decode speed ratio `every=` must reach: below it, timing noise, not a saving
 
 
@@ -41,9 +42,8 @@ def decode_speeds(
     speeds: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, lazy in methods.items():
-            run = generate_once(model, tokenizer, tokens, lazy, max_tokens=SHORT_ANSWER + 1)
-            times = run.token_times
-            speeds[name].append((len(times) - 1) / max(times[-1] - times[0], 1e-9))
+            run = measure(model, tokenizer, tokens, lazy, SHORT_ANSWER + 1, PREFILL_STEP)
+            speeds[name].append(run.short_decode_tps)
             tick(f"decode timing: {name}")
     return {name: statistics.median(values) for name, values in speeds.items()}
 
