@@ -189,8 +189,8 @@ def verify_ladder(
     rungs = []
     for i, text in enumerate(ladder):
         summary = verify(model, tokenizer, text, options, baselines, tick)
-        verdict = verdict_of(summary)
-        rungs.append(dict(schedule=text, verdict=verdict, **_evidence(summary)))
+        rungs.append(_rung(text, summary))
+        verdict = rungs[-1]["verdict"]
         say(f"verify {text}: {verdict or 'holds'} ({_line(summary)})")
         if verdict is None:
             break
@@ -213,8 +213,7 @@ def choose_decoding(
         return text, None
 
     def holds(candidate: str) -> dict[str, Any]:
-        summary = verify(model, tokenizer, candidate, options, baselines, tick)
-        return dict(schedule=candidate, verdict=verdict_of(summary), **_evidence(summary))
+        return _rung(candidate, verify(model, tokenizer, candidate, options, baselines, tick))
 
     return choose_every(model, tokenizer, text, options.length, options.decode_rounds, holds,
                         tick, say)  # fmt: skip
@@ -338,6 +337,11 @@ def verdict_of(summary: dict[str, Any]) -> str | None:
     if changed:
         return f"fails: the first token changed on {len(changed)} prompt(s) the baseline solves"
     return None
+
+
+def _rung(text: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """A verified candidate's record: the schedule, its verdict and the evidence behind it."""
+    return dict(schedule=text, verdict=verdict_of(summary), **_evidence(summary))
 
 
 def _evidence(summary: dict[str, Any]) -> dict[str, Any]:
